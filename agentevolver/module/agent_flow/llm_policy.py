@@ -1,0 +1,139 @@
+"""The LLM as an ALFWorld policy: token-in / token-out bookkeeping for multi-turn trajectories.
+
+In `trajectory` mode one episode is ONE token sequence: the chat-templated first prompt, then for
+every turn the model's response tokens (response_mask = 1, exactly the ids the rollout engine
+returned — never re-tokenised text) followed by the next observation turn (response_mask = 0).
+Each turn's prompt is therefore a prefix-extension of the last one, and the actor recomputes
+log-probs on exactly the tokens that were sampled.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from agentevolver.alfworld.agent import PolicyOutput, TurnView, build_messages, format_observation_turn
+from agentevolver.protocol import Batch
+from agentevolver.workers.rollout.base import SamplingParams
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    response_mask: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    num_turns: int = 0
+    policy_version: int = -1
+    finish_reason: str | None = None  # set when the policy itself ends the episode
+
+    def extend(self, ids: list[int], mask: int, log_probs: list[float] | None = None) -> None:
+        self.response_ids += ids
+        self.response_mask += [mask] * len(ids)
+        self.log_probs += log_probs if log_probs is not None else [0.0] * len(ids)
+
+
+class LLMPolicy:
+    """`agentevolver.alfworld.agent.Policy` backed by the rollout workers."""
+
+    def __init__(self, tokenizer, generate_fn, sampling: SamplingParams, max_prompt_length: int,
+                 max_response_length: int, wording: str = "move") -> None:
+        self.tokenizer = tokenizer
+        self.generate_fn = generate_fn  # (prompts: list[list[int]], SamplingParams) -> list[list[GenOutput]]
+        self.sampling = sampling
+        self.max_prompt_length = max_prompt_length
+        self.max_response_length = max_response_length
+        self.wording = wording
+        self.trajectories: dict[str, Trajectory] = {}
+        self.timing_gen_s = 0.0
+        self._calls = 0
+        # Text the chat template puts between the end of an assistant turn and the next user turn.
+        self._turn_prefix, self._turn_suffix = "\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _first_prompt(self, view: TurnView) -> list[int]:
+        messages = build_messages(view.task, view.observation, view.admissible, history=[],
+                                  history_window=None, wording=self.wording)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._encode(text)
+
+    def act(self, views: list[TurnView]) -> list[PolicyOutput]:
+        t0 = time.perf_counter()
+        outputs: dict[str, PolicyOutput] = {}
+        prompts, active = [], []
+        for view in views:
+            traj = self.trajectories.get(view.episode_id)
+            if traj is None:
+                traj = self.trajectories[view.episode_id] = Trajectory(self._first_prompt(view))
+                if len(traj.prompt_ids) > self.max_prompt_length:
+                    traj.finish_reason = "prompt_too_long"
+            else:
+                turn = self._turn_prefix + format_observation_turn(view.observation, view.admissible) + self._turn_suffix
+                traj.extend(self._encode(turn), mask=0)
+            if traj.finish_reason is None and len(traj.response_ids) >= self.max_response_length:
+                traj.finish_reason = "context_limit"
+            if traj.finish_reason is not None:
+                outputs[view.episode_id] = PolicyOutput(text="", finish_reason=traj.finish_reason)
+                continue
+            prompts.append(traj.prompt_ids + traj.response_ids)
+            active.append(view.episode_id)
+        if prompts:
+            params = SamplingParams(**{**self.sampling.__dict__,
+                                       "seed": None if self.sampling.seed is None else self.sampling.seed + self._calls})
+            self._calls += 1
+            for episode_id, samples in zip(active, self.generate_fn(prompts, params)):
+                outputs[episode_id] = self._take(episode_id, samples[0])
+        self.timing_gen_s += time.perf_counter() - t0
+        return [outputs[v.episode_id] for v in views]
+
+    def _take(self, episode_id: str, out) -> PolicyOutput:
+        traj = self.trajectories[episode_id]
+        room = self.max_response_length - len(traj.response_ids)
+        ids, log_probs = out.token_ids[:room], out.log_probs[:room]
+        traj.extend(ids, mask=1, log_probs=log_probs)
+        traj.num_turns += 1
+        traj.policy_version = out.policy_version if traj.policy_version < 0 else min(traj.policy_version,
+                                                                                      out.policy_version)
+        if len(ids) < len(out.token_ids):  # the whole-trajectory budget ran out inside this turn
+            traj.finish_reason = "context_limit"
+            return PolicyOutput(text="", finish_reason="context_limit")
+        return PolicyOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def to_batch(self, rows: list[dict]) -> Batch:
+        """One row per finished episode. `rows` carry per-episode ids (traj_id, uid, ...) and `reward`."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        trajs = [self.trajectories[r["traj_id"]] for r in rows]
+        P = max(len(t.prompt_ids) for t in trajs)
+        R = max(1, max(len(t.response_ids) for t in trajs))
+        n = len(trajs)
+        prompts = torch.full((n, P), pad, dtype=torch.long)
+        prompt_attn = torch.zeros((n, P), dtype=torch.long)
+        responses = torch.full((n, R), pad, dtype=torch.long)
+        resp_attn = torch.zeros((n, R), dtype=torch.long)
+        resp_mask = torch.zeros((n, R), dtype=torch.float32)
+        log_probs = torch.zeros((n, R), dtype=torch.float32)
+        rewards = torch.zeros((n, R), dtype=torch.float32)
+        for i, (t, row) in enumerate(zip(trajs, rows)):
+            p, r = len(t.prompt_ids), len(t.response_ids)
+            prompts[i, P - p:] = torch.tensor(t.prompt_ids)
+            prompt_attn[i, P - p:] = 1
+            if r:
+                responses[i, :r] = torch.tensor(t.response_ids)
+                resp_attn[i, :r] = 1
+                resp_mask[i, :r] = torch.tensor(t.response_mask, dtype=torch.float32)
+                log_probs[i, :r] = torch.tensor(t.log_probs)
+            model_positions = resp_mask[i].nonzero()
+            if len(model_positions):  # the episode reward sits on the last model-generated token
+                rewards[i, model_positions[-1, 0]] = row["reward"]
+        ids = {k: np.array([row[k] for row in rows]) for k in rows[0] if k != "reward"}
+        ids["num_turns"] = np.array([t.num_turns for t in trajs])
+        ids["policy_version"] = np.array([t.policy_version for t in trajs])
+        ids["score"] = np.array([row["reward"] for row in rows], dtype=np.float32)
+        tensors = {"prompts": prompts, "prompt_attention_mask": prompt_attn, "responses": responses,
+                   "response_attention_mask": resp_attn, "response_mask": resp_mask,
+                   "rollout_log_probs": log_probs, "token_level_rewards": rewards}
+        return Batch(tensors, ids)

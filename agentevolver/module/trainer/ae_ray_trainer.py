@@ -1,0 +1,332 @@
+"""The Ray trainer (single controller): DAPO / GRPO on ALFWorld, driven by one validated config.
+
+One step (DESIGN §1): sample tasks → multi-turn rollouts on the env pool (each task n times = one
+GRPO group) → reward shaping → dynamic sampling (drop zero-variance groups, refill) → old / ref
+log-probs → advantages → FSDP2 actor update (token-mean over the mini-batch's global token count)
+→ weight sync to the rollout engines → metrics, validation, checkpoint.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import pickle
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from agentevolver.alfworld.agent import episode_reward, run_episodes
+from agentevolver.alfworld.data import GameSpec, detect_command_wording, list_games, resolve_data_dir
+from agentevolver.alfworld.pool import EnvPool
+from agentevolver.module.agent_flow.llm_policy import LLMPolicy
+from agentevolver.module.exp_manager import het_core_algos as algos
+from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
+from agentevolver.module.trainer.config_check import resolve_device, validate_config
+from agentevolver.module.trainer.tracking import Tracking
+from agentevolver.protocol import Batch
+from agentevolver.workers.rollout.base import SamplingParams
+from agentevolver.workers.worker_group import ActorRolloutRefGroup
+
+TIMED_PHASES = ("gen", "env", "reward", "old_log_prob", "ref", "adv", "update_actor", "sync_weights",
+                "testing", "save_checkpoint")
+
+
+@contextlib.contextmanager
+def timer(name: str, timings: dict[str, float]):
+    t0 = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+class RayTrainer:
+    def __init__(self, cfg: DictConfig) -> None:
+        validate_config(cfg)  # idempotent; main_ppo already ran it before anything started
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.out_dir = Path(cfg.trainer.default_local_dir)
+        self._seed_everything(cfg.trainer.seed)
+        if not ray.is_initialized():
+            ray.init(address=cfg.trainer.ray.address, num_cpus=cfg.trainer.ray.num_cpus,
+                     include_dashboard=False, log_to_driver=True,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                                               "TOKENIZERS_PARALLELISM": "false"}})
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
+        alf = cfg.env.alfworld
+        data_dir = resolve_data_dir(alf.data_dir)
+        self.val_games = list_games(data_dir, alf.val_split, alf.task_types)
+        self.train_games = [] if cfg.trainer.val_only else list_games(data_dir, alf.train_split, alf.task_types)
+        self.wording = detect_command_wording(self.val_games or self.train_games)
+        self.pool = EnvPool(num_workers=cfg.env.pool.num_workers, num_cpus_per_worker=cfg.env.pool.num_cpus_per_worker,
+                            step_timeout_s=cfg.env.pool.step_timeout_s, reset_timeout_s=cfg.env.pool.reset_timeout_s)
+        self.workers = ActorRolloutRefGroup(cfg)
+        self.use_ref = self.workers.has_ref
+        self.ckpt = CheckpointManager(self.out_dir, cfg.trainer.max_ckpt_to_keep)
+        self.global_step, self.epoch, self.cursor = 0, 0, 0
+        self.order: list[int] = []
+        self.batches_per_epoch = max(1, len(self.train_games) // cfg.data.train_batch_size)
+        self.total_steps = cfg.trainer.total_training_steps or self.batches_per_epoch * cfg.trainer.total_epochs
+        wandb_id = self._maybe_resume()
+        self.tracker = Tracking(cfg, self.out_dir, wandb_run_id=wandb_id)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg.trainer
+        last: dict = {}
+        if (cfg.val_before_train and self.global_step == 0) or cfg.val_only:
+            timings: dict[str, float] = {}
+            with timer("testing", timings):
+                last = self._validate()
+            self.tracker.log(last | {f"timing/{k}": v for k, v in timings.items()}, step=self.global_step)
+            if cfg.val_only:
+                return last
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True)
+        while self.global_step < self.total_steps:
+            timings = {}
+            metrics: dict = {}
+            with timer("step", timings):
+                batch, gen_metrics = self._generate_train_batch(timings)
+                metrics |= gen_metrics
+                if len(batch):
+                    with timer("old_log_prob", timings):
+                        batch = self._compute_old_log_prob(batch, metrics)
+                    if self.use_ref:
+                        with timer("ref", timings):
+                            batch = batch.union(self.workers.compute_ref_log_prob(batch))
+                    with timer("adv", timings):
+                        batch = self._compute_advantage(batch)
+                    with timer("update_actor", timings):
+                        metrics |= self.workers.update_actor(batch)
+                    with timer("sync_weights", timings):
+                        self.workers.sync_weights()
+                self.global_step += 1
+                is_last = self.global_step >= self.total_steps
+                if cfg.test_freq > 0 and (self.global_step % cfg.test_freq == 0 or is_last):
+                    with timer("testing", timings):
+                        metrics |= self._validate()
+                if cfg.save_freq > 0 and (self.global_step % cfg.save_freq == 0 or is_last):
+                    with timer("save_checkpoint", timings):
+                        self._save_checkpoint()
+            metrics |= self._timing_metrics(timings, batch)
+            self.tracker.log(metrics, step=self.global_step)
+            bar.update(1)
+            bar.set_postfix(success=f"{metrics.get('train/success_rate', float('nan')):.2f}")
+            last = metrics
+        bar.close()
+        if self.cfg.trainer.export_hf:
+            self.workers.export_hf(str(self.out_dir / "hf_actor"))
+        return last
+
+    # ------------------------------------------------------------------ rollout
+    def _next_games(self) -> list[GameSpec]:
+        """The next train_batch_size games of a seeded per-epoch permutation (resumable by cursor)."""
+        games = []
+        while len(games) < self.cfg.data.train_batch_size:
+            if not self.order or self.cursor >= len(self.order):
+                if self.order:
+                    self.epoch += 1
+                rng = np.random.default_rng(self.cfg.data.seed + self.epoch)
+                n = len(self.train_games)
+                self.order = (rng.permutation(n) if self.cfg.data.shuffle else np.arange(n)).tolist()
+                self.cursor = 0
+            games.append(self.train_games[self.order[self.cursor]])
+            self.cursor += 1
+        return games
+
+    def _rollout(self, games: list[GameSpec], n: int, sampling: SamplingParams, tag: str,
+                 timings: dict[str, float]) -> tuple[Batch, dict[str, float]]:
+        """Play every game n times; one Batch row per episode, rewards shaped, ids attached."""
+        cfg = self.cfg
+        policy = LLMPolicy(self.tokenizer, self.workers.generate, sampling, cfg.data.max_prompt_length,
+                           cfg.data.max_response_length, wording=self.wording)
+        episodes, meta = [], {}
+        for i, game in enumerate(games):
+            for j in range(n):
+                eid = f"{tag}-{i}-{j}"
+                episodes.append((eid, game))
+                meta[eid] = {"traj_id": eid, "uid": f"{tag}-{i}", "task_id": game.task_id,
+                             "task_type": game.task_type}
+        result = run_episodes(self.pool, episodes, policy, max_steps=cfg.env.max_steps)
+        stats = result.stats
+        timings["env"] = timings.get("env", 0.0) + result.timing_env_s
+        timings["gen"] = timings.get("gen", 0.0) + policy.timing_gen_s
+        with timer("reward", timings):
+            rows = []
+            for eid, _ in episodes:
+                st = stats[eid]
+                reason = policy.trajectories[eid].finish_reason or st.finish_reason
+                rows.append(meta[eid] | {"finish_reason": reason, "won": bool(st.won), "steps": st.steps,
+                                         "format_errors": st.format_errors, "invalid_actions": st.invalid_actions,
+                                         "reward": episode_reward(st, cfg.env.reward.success,
+                                                                  cfg.env.reward.format_penalty)})
+            lengths = np.array([len(policy.trajectories[eid].response_ids) for eid, _ in episodes])
+            self._shape_rewards(rows, lengths)
+            batch = policy.to_batch(rows)
+        return batch, episode_metrics(batch)
+
+    def _shape_rewards(self, rows: list[dict], lengths: np.ndarray) -> None:
+        shaping = self.cfg.algorithm.dapo.overlong_reward_shaping
+        if not shaping.enable:
+            return
+        penalty = algos.overlong_penalty(torch.as_tensor(lengths, dtype=torch.float32),
+                                         self.cfg.data.max_response_length, shaping.buffer_length,
+                                         shaping.penalty_factor)
+        truncated = torch.tensor([r["finish_reason"] in ("max_steps", "context_limit") for r in rows])
+        penalty = penalty - shaping.truncation_penalty * truncated.float()
+        scores = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
+        shaped = algos.apply_reward_shaping(scores, penalty, shaping.mode)
+        for r, s in zip(rows, shaped.tolist()):
+            r["reward"] = s
+
+    def _generate_train_batch(self, timings: dict[str, float]) -> tuple[Batch, dict]:
+        """Generation batches until train_batch_size groups survive dynamic sampling (or the cap)."""
+        cfg, ds = self.cfg, self.cfg.algorithm.dapo.dynamic_sampling
+        roll = cfg.actor_rollout_ref.rollout
+        kept: list[Batch] = []
+        all_metrics: list[dict] = []
+        num_groups, gen_batches = 0, 0
+        max_batches = ds.max_num_gen_batches if ds.enable else 1
+        while num_groups < cfg.data.train_batch_size and gen_batches < max_batches:
+            sampling = SamplingParams(temperature=roll.temperature, top_p=roll.top_p, top_k=roll.top_k,
+                                      max_tokens=roll.response_length, n=1,
+                                      seed=self._seed(self.global_step, gen_batches))
+            batch, m = self._rollout(self._next_games(), roll.n, sampling, f"s{self.global_step}g{gen_batches}",
+                                     timings)
+            gen_batches += 1
+            all_metrics.append(m)
+            if ds.enable:
+                keep, _ = algos.filter_groups(batch.ids["score"], batch.ids["uid"], ds.mode)
+                batch = batch.select(np.asarray(keep, dtype=bool))
+            kept.append(batch)
+            num_groups += len(set(batch.ids["uid"].tolist())) if len(batch) else 0
+        batch = Batch.concat(kept)
+        if len(batch) and num_groups > cfg.data.train_batch_size:  # keep whole groups, first come first kept
+            uids = list(dict.fromkeys(batch.ids["uid"].tolist()))[: cfg.data.train_batch_size]
+            batch = batch.select(np.isin(batch.ids["uid"], uids))
+            num_groups = cfg.data.train_batch_size
+        metrics = {k: float(np.mean([m[k] for m in all_metrics if k in m]))
+                   for k in {k for m in all_metrics for k in m}}
+        metrics |= {"dynamic_sampling/kept_groups": num_groups, "dynamic_sampling/num_gen_batches": gen_batches,
+                    "dynamic_sampling/kept_rows": len(batch)}
+        return batch, {f"train/{k}" if k.startswith("success_rate") else k: v for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ learning
+    def _compute_old_log_prob(self, batch: Batch, metrics: dict) -> Batch:
+        batch = batch.union(self.workers.compute_log_prob(batch))
+        mask = batch["response_mask"]
+        diff = (batch["old_log_probs"].exp() - batch["rollout_log_probs"].exp()).abs()
+        metrics["rollout/probs_diff_mean"] = algos.masked_mean(diff, mask).item()
+        metrics["rollout/probs_diff_max"] = (diff * mask).max().item() if mask.any() else 0.0
+        metrics["rollout/log_probs_diff_mean"] = algos.masked_mean(
+            (batch["old_log_probs"] - batch["rollout_log_probs"]).abs(), mask).item()
+        return batch
+
+    def _compute_advantage(self, batch: Batch) -> Batch:
+        cfg = self.cfg.algorithm
+        rewards = batch["token_level_rewards"]
+        if cfg.use_kl_in_reward:
+            kl = algos.kl_penalty(batch["old_log_probs"], batch["ref_log_prob"], cfg.kl_penalty)
+            rewards = rewards - cfg.kl_ctrl.kl_coef * kl * batch["response_mask"]
+        estimator = algos.get_adv_estimator(cfg.adv_estimator)
+        adv, ret = estimator(token_level_rewards=rewards, response_mask=batch["response_mask"],
+                             index=batch.ids["uid"], norm_adv_by_std_in_grpo=cfg.norm_adv_by_std_in_grpo)
+        return Batch(batch.tensors | {"advantages": adv, "returns": ret}, batch.ids, batch.meta)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> dict:
+        vk = self.cfg.actor_rollout_ref.rollout.val_kwargs
+        roll = self.cfg.actor_rollout_ref.rollout
+        sampling = SamplingParams(temperature=vk.temperature, top_p=vk.top_p, max_tokens=roll.response_length,
+                                  n=1, seed=self._seed(self.global_step, -1))
+        size = self.cfg.data.val_batch_size or len(self.val_games)
+        batches = []
+        for start in range(0, len(self.val_games), size):  # each eval game exactly once, fixed order
+            b, _ = self._rollout(self.val_games[start:start + size], vk.n, sampling,
+                                 f"val{self.global_step}c{start}", {})
+            batches.append(b)
+        metrics = episode_metrics(Batch.concat(batches))
+        return {f"val/{k}": v for k, v in metrics.items() if k.startswith("success_rate")}
+
+    # ------------------------------------------------------------------ state
+    def _seed(self, step: int, sub: int) -> int | None:
+        return None if not self.cfg.trainer.deterministic else self.cfg.trainer.seed * 1_000_003 + step * 1009 + sub + 1
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _trainer_state(self) -> dict:
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        return {"global_step": self.global_step, "epoch": self.epoch, "cursor": self.cursor, "order": self.order,
+                "wandb_run_id": self.tracker.wandb_run_id,
+                "driver_rng": base64.b64encode(pickle.dumps(rng)).decode()}
+
+    def _save_checkpoint(self) -> None:
+        self.ckpt.save(self.global_step, self._trainer_state(), lambda path: self.workers.save_checkpoint(str(path)))
+
+    def _maybe_resume(self) -> str | None:
+        path = self.ckpt.find_resume(str(self.cfg.trainer.resume_mode))
+        if path is None:
+            return None
+        state = self.ckpt.load_trainer_state(path)
+        self.workers.load_checkpoint(str(Path(path) / "actor"))
+        self.workers.sync_weights()
+        self.global_step, self.epoch, self.cursor = state["global_step"], state["epoch"], state["cursor"]
+        self.order = state["order"]
+        py_rng, np_rng, torch_rng = pickle.loads(base64.b64decode(state["driver_rng"]))  # our own file
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)
+        torch.set_rng_state(torch_rng)
+        print(f"resumed from {path} at step {self.global_step}", flush=True)
+        return state.get("wandb_run_id")
+
+    def _timing_metrics(self, timings: dict[str, float], batch: Batch) -> dict:
+        out = {f"timing/{k}": v for k, v in timings.items()}
+        phases = sum(timings.get(k, 0.0) for k in TIMED_PHASES)
+        step = timings.get("step", 0.0)
+        out["timing/overhead"] = max(0.0, step - phases)
+        out["timing/overhead_frac"] = out["timing/overhead"] / step if step else 0.0
+        tokens = int(batch["response_attention_mask"].sum() + batch["prompt_attention_mask"].sum()) if len(batch) else 0
+        out["perf/tokens_per_s"] = tokens / step if step else 0.0
+        return out
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.tracker.finish()
+        with contextlib.suppress(Exception):
+            self.workers.shutdown()
+        with contextlib.suppress(Exception):
+            self.pool.shutdown()
+
+
+def episode_metrics(batch: Batch) -> dict[str, float]:
+    """Success rates (overall and per task type) and episode statistics of a rollout batch."""
+    if not len(batch):
+        return {}
+    won = batch.ids["won"].astype(float)
+    out = {"success_rate": float(won.mean())}
+    per_type = defaultdict(list)
+    for t, w in zip(batch.ids["task_type"].tolist(), won.tolist()):
+        per_type[t].append(w)
+    out |= {f"success_rate/{t}": float(np.mean(v)) for t, v in sorted(per_type.items())}
+    model_tokens = batch["response_mask"].sum(-1).float()
+    out["response_length/mean"] = model_tokens.mean().item()
+    out["response_length/max"] = model_tokens.max().item()
+    out["episode/num_turns_mean"] = float(batch.ids["num_turns"].mean())
+    out["episode/format_errors_mean"] = float(batch.ids["format_errors"].mean())
+    out["episode/invalid_actions_mean"] = float(batch.ids["invalid_actions"].mean())
+    out["episode/score_mean"] = float(batch.ids["score"].mean())
+    for reason in sorted(set(batch.ids["finish_reason"].tolist())):
+        out[f"episode/finish_reason/{reason}"] = float((batch.ids["finish_reason"] == reason).mean())
+    return out

@@ -1,0 +1,31 @@
+"""Test-wide settings: one torch thread, wandb offline, hydra output in a temp dir, real shared data."""
+import os
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ALFWORLD = REPO_ROOT.parent / "shared" / "alfworld"
+
+
+@pytest.fixture(scope="session")
+def shared_alfworld() -> Path:
+    """The real ALFWorld games (0.4.2 format) that live beside the checkout."""
+    if not (SHARED_ALFWORLD / "json_2.1.1").is_dir():
+        pytest.fail(f"real ALFWorld data not found at {SHARED_ALFWORLD}: tests need ../shared/alfworld")
+    return SHARED_ALFWORLD
+
+
+@pytest.fixture
+def hydra_out(tmp_path) -> str:
+    """Override for hydra.run.dir so runs never write into the repo."""
+    return f"hydra.run.dir={tmp_path / 'hydra'}"

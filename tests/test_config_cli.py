@@ -1,0 +1,115 @@
+"""Every user config error exits 2 with ONE line naming the key, the value and the valid values."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from agentevolver.main_ppo import CONFIG_DIR
+from agentevolver.module.trainer.config_check import ConfigError, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fake_model(tmp_path_factory) -> Path:
+    """A folder that passes the model-path check (the check looks for an HF config.json only)."""
+    path = tmp_path_factory.mktemp("model")
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def run_cli(*overrides: str, config: str = "alfworld_dapo_tiny") -> tuple[int, str, float]:
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "agentevolver.main_ppo", "--config-name", config, *overrides],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stderr.strip(), time.perf_counter() - t0
+
+
+CASES = [
+    (["actor_rollout_ref.actor.loss_agg_mode=sum"], "actor_rollout_ref.actor.loss_agg_mode='sum'", "token-mean"),
+    (["actor_rollout_ref.actor.clip_ratio_c=1.0"], "actor_rollout_ref.actor.clip_ratio_c=1.0", "must be > 1.0"),
+    (["actor_rollout_ref.actor.clip_ratio_low=-0.1"], "actor_rollout_ref.actor.clip_ratio_low=-0.1", ">= 0"),
+    (["actor_rollout_ref.actor.clip_ratio_high=-0.2"], "actor_rollout_ref.actor.clip_ratio_high=-0.2", ">= 0"),
+    (["actor_rollout_ref.rollout.n=1"], "actor_rollout_ref.rollout.n=1", "needs n >= 2"),
+    (["actor_rollout_ref.actor.ppo_mini_batch_size=5"], "actor_rollout_ref.actor.ppo_mini_batch_size=5",
+     "= 16 rows must divide by it"),
+    (["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32"],
+     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32", "<= actor_rollout_ref.actor.ppo_mini_batch_size"),
+    (["actor_rollout_ref.rollout.name=sglang"], "actor_rollout_ref.rollout.name='sglang'", "hf, vllm"),
+]
+
+
+@pytest.mark.parametrize("overrides,names,valid", CASES, ids=[c[0][0].split("=")[0].split(".")[-1] + "=" +
+                                                            c[0][0].split("=")[1] for c in CASES])
+def test_value_errors_one_line(overrides, names, valid, tmp_path):
+    # model path and data dir do not exist here: value checks must still come first
+    code, err, secs = run_cli(*overrides, f"hydra.run.dir={tmp_path}",
+                              "actor_rollout_ref.model.path=/nonexistent/model", "env.alfworld.data_dir=/nonexistent")
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert names in err and valid in err, err
+    assert secs < 10
+
+
+def test_vllm_without_cuda_suggests_hf(fake_model, tmp_path):
+    code, err, _ = run_cli("actor_rollout_ref.rollout.name=vllm", f"actor_rollout_ref.model.path={fake_model}",
+                           f"hydra.run.dir={tmp_path}")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "actor_rollout_ref.rollout.name='vllm'" in err and "rollout.name=hf" in err
+
+
+def test_too_many_gpus(fake_model, tmp_path):
+    code, err, _ = run_cli("trainer.device=cuda", "trainer.n_gpus_per_node=4", f"hydra.run.dir={tmp_path}",
+                           f"actor_rollout_ref.model.path={fake_model}")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "trainer.n_gpus_per_node=4" in err and "0 GPU(s) visible" in err
+
+
+def test_missing_model_path(tmp_path):
+    code, err, _ = run_cli("actor_rollout_ref.model.path=/nonexistent/model", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "actor_rollout_ref.model.path='/nonexistent/model'" in err and "build_tiny" in err
+
+
+@pytest.mark.parametrize("data_dir", ["missing", "empty"])
+def test_bad_data_dir_hint(data_dir, fake_model, tmp_path):
+    path = tmp_path / "data"
+    if data_dir == "empty":
+        path.mkdir()
+    code, err, _ = run_cli(f"env.alfworld.data_dir={path}", f"actor_rollout_ref.model.path={fake_model}",
+                           f"hydra.run.dir={tmp_path}")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "env.alfworld.data_dir" in err and str(path) in err
+    assert "alfworld-download" in err and "agentevolver.alfworld generate" in err
+
+
+def test_3b_recipe_values(shared_alfworld, fake_model):
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("alfworld_dapo_3b", overrides=[f"actor_rollout_ref.model.path={fake_model}"])
+    actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    assert actor.loss_agg_mode == "token-mean"
+    assert (cfg.data.train_batch_size, rollout.n, actor.optim.lr) == (8, 8, 1e-6)
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c) == (0.2, 0.28, 3.0)
+    assert (rollout.name, rollout.tensor_model_parallel_size, rollout.gpu_memory_utilization) == ("vllm", 1, 0.6)
+    assert (rollout.temperature, cfg.env.max_steps, cfg.trainer.n_gpus_per_node) == (0.9, 30, 4)
+    assert actor.use_kl_loss is False and cfg.algorithm.dapo.dynamic_sampling.enable
+    assert cfg.algorithm.dapo.overlong_reward_shaping.enable
+    assert list(cfg.trainer.logger) == ["console", "file", "wandb"]
+    # values are valid; on this CPU machine the hardware check rejects vllm with the hint
+    with pytest.raises(ConfigError, match="rollout.name=hf"):
+        validate_config(cfg)
+
+
+def test_valid_tiny_config_passes(shared_alfworld, fake_model):
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("alfworld_dapo_tiny", overrides=[
+            f"actor_rollout_ref.model.path={fake_model}", f"env.alfworld.data_dir={shared_alfworld}",
+            "env.alfworld.train_split=valid_train"])
+    validate_config(cfg)
