@@ -67,7 +67,7 @@ class Batch:
 
     def select(self, rows: Sequence[int] | np.ndarray | torch.Tensor) -> "Batch":
         """Rows by index (an integer array or a boolean mask)."""
-        idx = torch.as_tensor(np.asarray(rows))
+        idx = torch.as_tensor(np.ascontiguousarray(rows))  # torch refuses negative-stride views
         if idx.dtype == torch.bool:
             idx = idx.nonzero().flatten()
         np_idx = idx.numpy()

@@ -29,3 +29,11 @@ def shared_alfworld() -> Path:
 def hydra_out(tmp_path) -> str:
     """Override for hydra.run.dir so runs never write into the repo."""
     return f"hydra.run.dir={tmp_path / 'hydra'}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The project's tiny Qwen2 model + ALFWorld tokenizer, built once per test session."""
+    from agentevolver.models.build_tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen2")

@@ -1,0 +1,131 @@
+"""Driver side of the hybrid engine: one `ActorRolloutRefWorker` Ray actor per rank, and the dispatch
+that splits work over ranks and joins the results back by traj_id.
+
+Placement: a Ray placement group with one bundle per rank, PACKed — {"GPU": 1, "CPU": 1} on CUDA
+(actor, reference and rollout engine colocated on that GPU), {"CPU": 0.5} on CPU (a fractional CPU so
+the workers fit beside the env pool on a small box; gloo ranks need no exclusive core).
+
+Metrics: `update_policy` all-reduces its metrics, so `actor/*` values are already global and
+identical on every rank — the group reports rank 0's. Any other key is averaged over ranks.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from agentevolver.protocol import Batch
+from agentevolver.utils.dist import resolve_device
+from agentevolver.workers.fsdp_worker import ActorRolloutRefWorker
+
+CPU_PER_RANK_ON_CPU = 0.5
+_GLOBAL_METRIC_PREFIXES = ("actor/",)
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges whose sizes differ by at most one (as Batch.chunk)."""
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Rank 0's value for already-global metrics (actor/*), the mean over ranks for the rest."""
+    out = {}
+    for k, v in per_rank[0].items():
+        out[k] = v if k.startswith(_GLOBAL_METRIC_PREFIXES) else float(np.mean([m[k] for m in per_rank]))
+    return out
+
+
+class ActorRolloutRefGroup:
+    """`world_size = trainer.nnodes * trainer.n_gpus_per_node` hybrid-engine workers. Needs ray.init()."""
+
+    def __init__(self, config: Any, enable_rollout: bool = True, enable_ref: bool | None = None):
+        if not ray.is_initialized():
+            raise RuntimeError("ActorRolloutRefGroup needs a running Ray (call ray.init first)")
+        self.config = config
+        self.world_size = int(config.trainer.nnodes) * int(config.trainer.n_gpus_per_node)
+        if self.world_size < 1:
+            raise ValueError(f"trainer.nnodes * trainer.n_gpus_per_node must be >= 1, got {self.world_size}")
+        device = resolve_device(config.trainer.device)
+        bundle = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": CPU_PER_RANK_ON_CPU}
+        self._pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+        ray.get(self._pg.ready(), timeout=600)
+        remote_cls = ray.remote(ActorRolloutRefWorker)
+        self.workers = []
+        for rank in range(self.world_size):
+            opts = {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0),
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
+                    "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}}
+            self.workers.append(remote_cls.options(**opts).remote(config, rank, self.world_size,
+                                                                  enable_rollout=enable_rollout, enable_ref=enable_ref))
+        addr, port = ray.get(self.workers[0].master_endpoint.remote())  # rank 0's node hosts the TCPStore
+        self._all("init_model", addr, port)
+
+    # ------------------------------------------------------------------ plumbing
+    def _all(self, method: str, *args: Any) -> list:
+        """Call `method(*args)` on every rank (a collective) and wait for all."""
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def _per_rank(self, method: str, batch: Batch, *args: Any) -> list:
+        """Rank r gets the r-th contiguous chunk of rows."""
+        chunks = batch.chunk(self.world_size)
+        return ray.get([getattr(w, method).remote(c, *args) for w, c in zip(self.workers, chunks)])
+
+    def _joined(self, method: str, batch: Batch, *args: Any) -> Batch:
+        """Per-rank results concatenated and re-ordered to `batch`'s traj_id order."""
+        batch.require("traj_id")
+        return Batch.concat(self._per_rank(method, batch, *args)).align_to(batch)
+
+    # ------------------------------------------------------------------ rollout
+    def generate(self, prompts: list[list[int]], params: Any) -> list[list[Any]]:
+        """Prompts split into contiguous chunks over ranks; outputs in the prompts' order."""
+        ranges = split_evenly(len(prompts), self.world_size)
+        parts = ray.get([w.generate.remote(prompts[a:b], params) for w, (a, b) in zip(self.workers, ranges)])
+        return [out for part in parts for out in part]
+
+    def sync_weights(self) -> int:
+        """Actor -> rollout engines on every rank; returns the new policy version."""
+        versions = set(self._all("sync_weights"))
+        assert len(versions) == 1, f"ranks disagree on the policy version: {versions}"
+        return versions.pop()
+
+    def get_policy_version(self) -> int:
+        return ray.get(self.workers[0].get_policy_version.remote())
+
+    # ------------------------------------------------------------------ actor / reference
+    def compute_log_prob(self, batch: Batch, calculate_entropy: bool = False) -> Batch:
+        """Batch(traj_id, old_log_probs[, entropys]) in `batch`'s row order; `batch.union(...)` it."""
+        return self._joined("compute_log_prob", batch, calculate_entropy)
+
+    def compute_ref_log_prob(self, batch: Batch) -> Batch:
+        """Batch(traj_id, ref_log_prob) in `batch`'s row order."""
+        return self._joined("compute_ref_log_prob", batch)
+
+    def update_actor(self, batch: Batch, loss: str = "ppo") -> dict[str, float]:
+        return reduce_metrics(self._per_rank("update_actor", batch, loss))
+
+    # ------------------------------------------------------------------ checkpoints / export
+    def save_checkpoint(self, path: str) -> None:
+        """Every rank writes its shard into `path` (the driver makes it atomic: temp dir + rename)."""
+        self._all("save_checkpoint", path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self._all("load_checkpoint", path)
+
+    def export_hf(self, path: str) -> None:
+        self._all("export_hf", path)
+
+    def get_full_state_dict(self) -> dict:
+        return self._all("get_full_state_dict")[0]
+
+    def shutdown(self) -> None:
+        try:
+            self._all("shutdown")
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+            remove_placement_group(self._pg)
+            self.workers = []

@@ -1,0 +1,234 @@
+"""The FSDP2 actor on real gloo process groups (torch.multiprocessing spawn), tiny random Qwen2."""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from agentevolver.protocol import Batch, with_model_inputs
+from agentevolver.utils.dist import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 256
+
+
+def make_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2 (hidden 64, vocab 256, tied embeddings) saved as an HF folder."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def make_config(model_path: Path, **actor: object) -> object:
+    cfg = OmegaConf.load(REPO / "config" / "base.yaml")
+    cfg.actor_rollout_ref.model.path = str(model_path)
+    cfg.trainer.device = "cpu"
+    cfg.env.alfworld.data_dir = None
+    cfg.trainer.ray.address = None
+    cfg.actor_rollout_ref.actor.optim.lr = 1e-2  # large, so that updates are visible in fp32
+    cfg.actor_rollout_ref.actor.ppo_mini_batch_size = 1000
+    for k, v in actor.items():
+        OmegaConf.update(cfg, f"actor_rollout_ref.{k}", v)
+    return cfg
+
+
+def make_batch(n: int, seed: int = 0, p: int = 6, r: int = 8) -> Batch:
+    """Left-padded prompts, right-padded responses of varied lengths, a partial loss mask, advantages."""
+    g = torch.Generator().manual_seed(seed)
+    p_len = torch.randint(2, p + 1, (n,), generator=g)
+    r_len = torch.randint(1, r + 1, (n,), generator=g)
+    pam = (torch.arange(p)[None] >= (p - p_len)[:, None]).long()
+    ram = (torch.arange(r)[None] < r_len[:, None]).long()
+    prompts = torch.randint(3, VOCAB, (n, p), generator=g) * pam
+    responses = torch.randint(3, VOCAB, (n, r), generator=g) * ram
+    rmask = ram * (torch.rand(n, r, generator=g) < 0.8).long()
+    rmask[0] = 0  # one row with no valid token (must not count as a sequence)
+    adv = torch.randn(n, 1, generator=g).expand(n, r) * rmask
+    old = (-3.0 - torch.rand(n, r, generator=g)) * rmask
+    tensors = {"prompts": prompts, "responses": responses, "prompt_attention_mask": pam,
+               "response_attention_mask": ram, "response_mask": rmask, "advantages": adv.contiguous(),
+               "old_log_probs": old, "ref_log_prob": old - 0.1}
+    return Batch(tensors, {"traj_id": np.array([f"t{i}" for i in range(n)]), "uid": np.arange(n) // 2})
+
+
+def _spawn_target(rank: int, world: int, port: int, scenario: str, args: dict, out: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    from agentevolver.workers.fsdp_worker import ActorRolloutRefWorker
+
+    w = ActorRolloutRefWorker(args["config"], rank, world, "127.0.0.1", port, enable_rollout=False)
+    w.init_model()
+    batch = args["batch"]
+    shard = batch.chunk(world)[rank]
+    result = SCENARIOS[scenario](w, shard, args)
+    if rank == 0:
+        torch.save(result, out)
+    w.shutdown()
+
+
+def run_ranks(world: int, scenario: str, tmp_path: Path, **args: object) -> dict:
+    out = tmp_path / f"{scenario}_{world}_{free_port()}.pt"
+    mp.spawn(_spawn_target, args=(world, free_port(), scenario, args, str(out)), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
+
+
+# ---------------------------------------------------------------- scenarios (run inside every rank)
+def _set_mbs(w, mbs: int) -> None:
+    w.config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu = mbs
+
+
+def sc_update(w, shard, args):
+    """mbs variants from the same initial state (restored from an init checkpoint)."""
+    res = {}
+    if len(args["mbs"]) > 1:
+        w.save_checkpoint(args["ckpt"])
+    for i, mbs in enumerate(args["mbs"]):
+        if i:
+            w.load_checkpoint(args["ckpt"])
+        _set_mbs(w, mbs)
+        metrics = w.update_actor(shard)
+        res[mbs] = (w.get_full_state_dict(), metrics)
+    return res
+
+
+def sc_checkpoint(w, shard, args):
+    w.update_actor(shard)
+    w.save_checkpoint(args["ckpt"])
+    m1 = w.update_actor(shard)
+    a = w.get_full_state_dict()
+    w.load_checkpoint(args["ckpt"])
+    m2 = w.update_actor(shard)
+    w.export_hf(args["export"])  # tied embeddings: lm_head must come back as the embedding
+    return {"a": a, "b": w.get_full_state_dict(), "m1": m1, "m2": m2}
+
+
+def sc_misc(w, shard, args):
+    """Log-probs (rows reversed within the shard), a NaN update, a good update, SFT steps."""
+    out = w.compute_log_prob(shard.select(np.arange(len(shard))[::-1].copy()), calculate_entropy=True)
+    gathered = [None] * w.world_size
+    torch.distributed.all_gather_object(gathered, out)
+    ref = w.compute_ref_log_prob(shard)["ref_log_prob"] - w.compute_log_prob(shard)["old_log_probs"]
+    res = {"logprob": Batch.concat(gathered), "before": w.get_full_state_dict(), "ref_vs_actor": ref.abs().max()}
+    res["nan"] = w.update_actor(args["bad"].chunk(w.world_size)[w.rank])
+    res["after"] = w.get_full_state_dict()
+    res["good"] = w.update_actor(shard)  # the run goes on
+    res["final"] = w.get_full_state_dict()
+    res["sft"] = [w.update_actor(shard, loss="sft")["actor/sft_loss"] for _ in range(args["sft_steps"])]
+    return res
+
+
+SCENARIOS = {"update": sc_update, "checkpoint": sc_checkpoint, "misc": sc_misc}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.mark.slow
+def test_update_same_on_1_and_2_ranks_and_any_micro_batch(model_dir, tmp_path):
+    # ppo_epochs=2: Adam's first step is ~lr·sign(g); the second depends on the gradient values
+    cfg = make_config(model_dir, **{"actor.use_kl_loss": True, "actor.entropy_coeff": 0.01,
+                                    "actor.grad_clip": 1e9, "actor.ppo_epochs": 2})
+    batch = make_batch(7)  # odd: rank 0 holds 4 rows, rank 1 holds 3 (padded with a dummy row)
+    one = run_ranks(1, "update", tmp_path, config=cfg, batch=batch, mbs=[4, 1], ckpt=str(tmp_path / "c1"))
+    two = run_ranks(2, "update", tmp_path, config=cfg, batch=batch, mbs=[1], ckpt=str(tmp_path / "c2"))
+    d_mbs = max_diff(one[4][0], one[1][0])
+    d_rank = max_diff(one[4][0], two[1][0])
+    print(f"max|Δθ| mbs 4 vs 1 (1 rank): {d_mbs:.3g}; 1 rank vs 2 ranks: {d_rank:.3g}")
+    assert d_mbs < 1e-5 and d_rank < 1e-5
+    m1, m2 = one[4][1], two[1][1]
+    for k in ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm", "actor/pg_clipfrac"):
+        assert math.isclose(m1[k], m2[k], rel_tol=1e-5, abs_tol=1e-7), (k, m1[k], m2[k])
+    assert m1["actor/skipped_steps"] == 0 and m1["actor/grad_norm"] > 0
+
+
+def test_checkpoint_resume_gives_identical_next_update(model_dir, tmp_path):
+    cfg = make_config(model_dir, **{"actor.optim.lr_warmup_steps": 3, "actor.loss_agg_mode": "seq-mean-token-mean"})
+    res = run_ranks(2, "checkpoint", tmp_path, config=cfg, batch=make_batch(6), ckpt=str(tmp_path / "ckpt"),
+                    export=str(tmp_path / "hf"))
+    d = max_diff(res["a"], res["b"])
+    print(f"max|Δθ| uninterrupted vs resumed: {d:.3g}; lr {res['m1']['actor/lr']} vs {res['m2']['actor/lr']}")
+    assert d == 0.0
+    assert res["m1"] == res["m2"]
+    assert math.isclose(res["m1"]["actor/lr"], 1e-2 / 3)  # warm-up: second step runs at 1/3 of the lr
+    assert (tmp_path / "ckpt" / "extra_state_rank1.pt").is_file()
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).state_dict()
+    assert max_diff({k: exported[k] for k in res["b"]}, res["b"]) == 0.0
+    assert torch.equal(exported["lm_head.weight"], res["b"]["model.embed_tokens.weight"])
+
+
+@pytest.fixture(scope="module")
+def misc(model_dir, tmp_path_factory) -> tuple[Batch, dict]:
+    """One 2-rank run shared by the log-prob, NaN and SFT tests (process start-up dominates)."""
+    cfg = make_config(model_dir, **{"actor.optim.lr": 3e-3, "rollout.temperature": 0.7,
+                                    "rollout.log_prob_micro_batch_size_per_gpu": 2, "ref.enable": True,
+                                    "ref.log_prob_micro_batch_size_per_gpu": 1})
+    batch = make_batch(6)
+    bad = Batch(dict(batch.tensors), batch.ids)
+    bad.tensors["advantages"] = batch["advantages"].clone()
+    bad.tensors["advantages"][4, 0] = float("nan")  # row 4 lives on rank 1
+    bad.tensors["response_mask"] = batch["response_mask"].clone()
+    bad.tensors["response_mask"][4, 0] = 1
+    return batch, run_ranks(2, "misc", tmp_path_factory.mktemp("misc"), config=cfg, batch=batch, bad=bad,
+                            sft_steps=5)
+
+
+def test_nan_loss_skips_the_step_on_all_ranks(misc):
+    _, res = misc
+    print("nan metrics:", res["nan"])
+    assert res["nan"]["actor/skipped_steps"] == 1.0
+    assert max_diff(res["before"], res["after"]) == 0.0
+    assert res["good"]["actor/skipped_steps"] == 0.0 and max_diff(res["after"], res["final"]) > 0
+
+
+def test_sft_loss_decreases_on_a_repeated_batch(misc):
+    losses = misc[1]["sft"]
+    print("sft losses:", [round(x, 4) for x in losses])
+    assert all(b < a for a, b in itertools.pairwise(losses))
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_actor_log_probs_match_a_plain_hf_forward(model_dir, misc):
+    from transformers import AutoModelForCausalLM
+
+    batch, res = misc
+    got = res["logprob"].align_to(batch)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    full = with_model_inputs(batch)
+    worst = 0.0
+    for i in range(len(batch)):  # one row at a time, without any padding
+        ids = full["input_ids"][i][full["attention_mask"][i].bool()][None]
+        n_prompt = int(batch["prompt_attention_mask"][i].sum())
+        n_resp = int(batch["response_attention_mask"][i].sum())
+        with torch.no_grad():
+            logits = model(ids).logits[0, n_prompt - 1:n_prompt + n_resp - 1].float() / 0.7
+        ref = logits.log_softmax(-1).gather(-1, ids[0, n_prompt:, None]).squeeze(-1)
+        worst = max(worst, (got["old_log_probs"][i, :n_resp] - ref).abs().max().item())
+        ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        assert torch.allclose(got["entropys"][i, :n_resp], ent, atol=1e-4)
+    print(f"max|Δ logp| actor (2 ranks, padded, micro-batch 2) vs plain HF: {worst:.3g}; "
+          f"frozen ref vs initial actor: {res['ref_vs_actor']:.3g}")
+    assert res["ref_vs_actor"] < 1e-5
+    assert worst < 1e-4
+    assert got["old_log_probs"].shape == batch["responses"].shape
