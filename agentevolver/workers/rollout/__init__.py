@@ -2,6 +2,7 @@
 
 `hf` (transformers, CPU default) and `vllm` (GPU; vllm is imported only when the engine is built).
 """
+from agentevolver.workers.rollout import hf_rollout, vllm_rollout  # noqa: F401  (register the engines)
 from agentevolver.workers.rollout.base import (
     ROLLOUT_ENGINES,
     GenOutput,
@@ -10,7 +11,6 @@ from agentevolver.workers.rollout.base import (
     make_rollout_engine,
     model_eos_token_ids,
 )
-from agentevolver.workers.rollout import hf_rollout, vllm_rollout  # noqa: F401  (register the engines)
 
 __all__ = ["ROLLOUT_ENGINES", "GenOutput", "RolloutEngine", "SamplingParams", "make_rollout_engine",
            "model_eos_token_ids"]

@@ -1,0 +1,129 @@
+"""The rollout-engine contract: token ids in -> token ids + per-token log-probs + finish reason out.
+
+One engine per rank, colocated with the FSDP actor in the same process (hybrid engine).
+
+Log-prob convention (the FSDP actor computes the SAME quantity for old/new log-probs):
+    log_prob[t] = log_softmax(logits[t] / T)[token[t]],  T = temperature if temperature > 0 else 1
+with NO top-p / top-k filtering applied to the reported value (filtering only shapes sampling).
+Generation stops on any eos id of the model (generation_config + config + tokenizer eos) or a
+`stop_token_ids` id; the stop token IS part of `token_ids` (the policy must learn to emit it).
+"""
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0        # 0 = greedy
+    top_p: float = 1.0              # nucleus sampling mass (1 = off)
+    top_k: int = -1                 # keep the k most likely tokens (-1 = off)
+    max_tokens: int = 256           # new tokens per response
+    n: int = 1                      # responses per prompt
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's eos ids
+    seed: int | None = None         # per-call seed for reproducible sampling (None = global RNG)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"invalid SamplingParams: {self}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """T of the log-prob convention: the sampling temperature, or 1 for greedy."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+    @classmethod
+    def from_rollout_config(cls, config: Any, validate: bool = False, **overrides: Any) -> SamplingParams:
+        """From the `actor_rollout_ref.rollout` node; validate=True applies its `val_kwargs`."""
+        kw = {"temperature": float(config.temperature), "top_p": float(config.top_p), "top_k": int(config.top_k),
+              "max_tokens": int(config.response_length), "n": int(config.n)}
+        if validate:
+            kw.update({k: v for k, v in dict(config.val_kwargs).items() if k in kw})
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass
+class GenOutput:
+    token_ids: list[int]            # generated ids, the stop token included when finish_reason == "stop"
+    log_probs: list[float]          # one per token id, per the convention above
+    finish_reason: str              # "stop" | "length"
+    policy_version: int             # weights version that produced it (engine.policy_version)
+
+
+class RolloutEngine(ABC):
+    """Generation backend. `config` is the `actor_rollout_ref.rollout` omegaconf node."""
+
+    def __init__(self, model_path: str, config: Any, device: str, dtype: torch.dtype) -> None:
+        self.model_path = str(model_path)
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.policy_version = 0
+        self.eos_token_ids = model_eos_token_ids(self.model_path)
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenOutput]]:
+        """For each prompt (a list of token ids), params.n outputs."""
+
+    @abstractmethod
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the weights with the actor's full HF-named state dict; set policy_version."""
+
+    def sleep(self) -> None:
+        """Free accelerator memory before the actor update (weights may be dropped)."""
+
+    def wake_up(self) -> None:
+        """Restore what sleep() freed."""
+
+    def stop_ids(self, params: SamplingParams) -> list[int]:
+        return sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
+
+
+def model_eos_token_ids(model_path: str) -> list[int]:
+    """All eos ids a model folder declares (generation_config.json, config.json, tokenizer eos)."""
+    ids: set[int] = set()
+    folder = Path(model_path)
+    for name in ("generation_config.json", "config.json"):
+        f = folder / name
+        if f.exists():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+    except (OSError, ValueError):  # a folder without tokenizer files: config ids only
+        pass
+    if not ids:
+        raise ValueError(f"{model_path}: no eos_token_id in generation_config.json / config.json / tokenizer")
+    return sorted(ids)
+
+
+ROLLOUT_ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
+
+
+def register_rollout_engine(name: str) -> Callable:
+    def deco(factory: Callable[..., RolloutEngine]) -> Callable[..., RolloutEngine]:
+        ROLLOUT_ENGINES[name] = factory
+        return factory
+    return deco
+
+
+def make_rollout_engine(name: str, model_path: str, config: Any, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> RolloutEngine:
+    """Create the engine registered under `name` (actor_rollout_ref.rollout.name)."""
+    if name not in ROLLOUT_ENGINES:
+        raise ValueError(f"unknown rollout engine {name!r}; valid names: {sorted(ROLLOUT_ENGINES)}")
+    return ROLLOUT_ENGINES[name](model_path, config, device, dtype)

