@@ -16,7 +16,7 @@ import torch
 
 from agentevolver.alfworld.agent import PolicyOutput, TurnView, build_messages, format_observation_turn
 from agentevolver.protocol import Batch
-from agentevolver.workers.rollout.base import SamplingParams
+from agentevolver.workers.rollout.base import GenOutput, SamplingParams
 
 
 @dataclass
@@ -39,9 +39,12 @@ class LLMPolicy:
     """`agentevolver.alfworld.agent.Policy` backed by the rollout workers."""
 
     def __init__(self, tokenizer, generate_fn, sampling: SamplingParams, max_prompt_length: int,
-                 max_response_length: int, wording: str = "move") -> None:
+                 max_response_length: int, wording: str = "move", teacher=None) -> None:
         self.tokenizer = tokenizer
         self.generate_fn = generate_fn  # (prompts: list[list[int]], SamplingParams) -> list[list[GenOutput]]
+        # teacher(view) -> response text: teacher forcing (SFT warm start on planner walkthroughs) through
+        # exactly the token path the RL rollout uses, instead of generating.
+        self.teacher = teacher
         self.sampling = sampling
         self.max_prompt_length = max_prompt_length
         self.max_response_length = max_response_length
@@ -79,6 +82,10 @@ class LLMPolicy:
             if traj.finish_reason is not None:
                 outputs[view.episode_id] = PolicyOutput(text="", finish_reason=traj.finish_reason)
                 continue
+            if self.teacher is not None:
+                ids = self._encode(self.teacher(view)) + [self.tokenizer.eos_token_id]
+                outputs[view.episode_id] = self._take(view.episode_id, GenOutput(ids, [0.0] * len(ids), "stop", 0))
+                continue
             prompts.append(traj.prompt_ids + traj.response_ids)
             active.append(view.episode_id)
         if prompts:
@@ -106,8 +113,9 @@ class LLMPolicy:
     def to_batch(self, rows: list[dict]) -> Batch:
         """One row per finished episode. `rows` carry per-episode ids (traj_id, uid, ...) and `reward`."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        trajs = [self.trajectories[r["traj_id"]] for r in rows]
-        P = max(len(t.prompt_ids) for t in trajs)
+        # an episode whose reset failed (env_error) never reached the policy: an empty row
+        trajs = [self.trajectories.setdefault(r["traj_id"], Trajectory([])) for r in rows]
+        P = max(1, max(len(t.prompt_ids) for t in trajs))
         R = max(1, max(len(t.response_ids) for t in trajs))
         n = len(trajs)
         prompts = torch.full((n, P), pad, dtype=torch.long)
@@ -119,8 +127,9 @@ class LLMPolicy:
         rewards = torch.zeros((n, R), dtype=torch.float32)
         for i, (t, row) in enumerate(zip(trajs, rows)):
             p, r = len(t.prompt_ids), len(t.response_ids)
-            prompts[i, P - p:] = torch.tensor(t.prompt_ids)
-            prompt_attn[i, P - p:] = 1
+            if p:
+                prompts[i, P - p:] = torch.tensor(t.prompt_ids)
+                prompt_attn[i, P - p:] = 1
             if r:
                 responses[i, :r] = torch.tensor(t.response_ids)
                 resp_attn[i, :r] = 1
@@ -136,4 +145,5 @@ class LLMPolicy:
         tensors = {"prompts": prompts, "prompt_attention_mask": prompt_attn, "responses": responses,
                    "response_attention_mask": resp_attn, "response_mask": resp_mask,
                    "rollout_log_probs": log_probs, "token_level_rewards": rewards}
-        return Batch(tensors, ids)
+        # The actor recomputes log-probs at the temperature the rollout sampled with.
+        return Batch(tensors, ids, {"temperature": self.sampling.logprob_temperature})

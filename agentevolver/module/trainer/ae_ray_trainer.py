@@ -27,10 +27,12 @@ from agentevolver.alfworld.pool import EnvPool
 from agentevolver.module.agent_flow.llm_policy import LLMPolicy
 from agentevolver.module.exp_manager import het_core_algos as algos
 from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
-from agentevolver.module.trainer.config_check import resolve_device, validate_config
+from agentevolver.module.trainer.config_check import validate_config
 from agentevolver.module.trainer.tracking import Tracking
 from agentevolver.protocol import Batch
+from agentevolver.utils.dist import resolve_device
 from agentevolver.workers.rollout.base import SamplingParams
+from agentevolver.workers.fsdp_worker import ref_enabled
 from agentevolver.workers.worker_group import ActorRolloutRefGroup
 
 TIMED_PHASES = ("gen", "env", "reward", "old_log_prob", "ref", "adv", "update_actor", "sync_weights",
@@ -48,7 +50,7 @@ class RayTrainer:
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)  # idempotent; main_ppo already ran it before anything started
         self.cfg = cfg
-        self.device = resolve_device(cfg)
+        self.device = resolve_device(cfg.trainer.device)
         self.out_dir = Path(cfg.trainer.default_local_dir)
         self._seed_everything(cfg.trainer.seed)
         if not ray.is_initialized():
@@ -67,7 +69,7 @@ class RayTrainer:
         self.pool = EnvPool(num_workers=cfg.env.pool.num_workers, num_cpus_per_worker=cfg.env.pool.num_cpus_per_worker,
                             step_timeout_s=cfg.env.pool.step_timeout_s, reset_timeout_s=cfg.env.pool.reset_timeout_s)
         self.workers = ActorRolloutRefGroup(cfg)
-        self.use_ref = self.workers.has_ref
+        self.use_ref = ref_enabled(cfg)
         self.ckpt = CheckpointManager(self.out_dir, cfg.trainer.max_ckpt_to_keep)
         self.global_step, self.epoch, self.cursor = 0, 0, 0
         self.order: list[int] = []
@@ -116,7 +118,7 @@ class RayTrainer:
                 if cfg.save_freq > 0 and (self.global_step % cfg.save_freq == 0 or is_last):
                     with timer("save_checkpoint", timings):
                         self._save_checkpoint()
-            metrics |= self._timing_metrics(timings, batch)
+            metrics |= self._timing_metrics(timings, metrics.get("perf/generated_tokens", 0))
             self.tracker.log(metrics, step=self.global_step)
             bar.update(1)
             bar.set_postfix(success=f"{metrics.get('train/success_rate', float('nan')):.2f}")
@@ -143,11 +145,11 @@ class RayTrainer:
         return games
 
     def _rollout(self, games: list[GameSpec], n: int, sampling: SamplingParams, tag: str,
-                 timings: dict[str, float]) -> tuple[Batch, dict[str, float]]:
+                 timings: dict[str, float], teacher=None) -> Batch:
         """Play every game n times; one Batch row per episode, rewards shaped, ids attached."""
         cfg = self.cfg
         policy = LLMPolicy(self.tokenizer, self.workers.generate, sampling, cfg.data.max_prompt_length,
-                           cfg.data.max_response_length, wording=self.wording)
+                           cfg.data.max_response_length, wording=self.wording, teacher=teacher)
         episodes, meta = [], {}
         for i, game in enumerate(games):
             for j in range(n):
@@ -155,23 +157,22 @@ class RayTrainer:
                 episodes.append((eid, game))
                 meta[eid] = {"traj_id": eid, "uid": f"{tag}-{i}", "task_id": game.task_id,
                              "task_type": game.task_type}
-        result = run_episodes(self.pool, episodes, policy, max_steps=cfg.env.max_steps)
-        stats = result.stats
-        timings["env"] = timings.get("env", 0.0) + result.timing_env_s
+        stats = run_episodes(self.pool, episodes, policy, max_steps=cfg.env.max_steps, timing=timings)
         timings["gen"] = timings.get("gen", 0.0) + policy.timing_gen_s
         with timer("reward", timings):
             rows = []
             for eid, _ in episodes:
                 st = stats[eid]
-                reason = policy.trajectories[eid].finish_reason or st.finish_reason
+                traj = policy.trajectories.get(eid)
+                reason = (traj.finish_reason if traj else None) or st.finish_reason
                 rows.append(meta[eid] | {"finish_reason": reason, "won": bool(st.won), "steps": st.steps,
                                          "format_errors": st.format_errors, "invalid_actions": st.invalid_actions,
                                          "reward": episode_reward(st, cfg.env.reward.success,
                                                                   cfg.env.reward.format_penalty)})
-            lengths = np.array([len(policy.trajectories[eid].response_ids) for eid, _ in episodes])
+            lengths = np.array([len(t.response_ids) if (t := policy.trajectories.get(eid)) else 0
+                                for eid, _ in episodes])
             self._shape_rewards(rows, lengths)
-            batch = policy.to_batch(rows)
-        return batch, episode_metrics(batch)
+            return policy.to_batch(rows)
 
     def _shape_rewards(self, rows: list[dict], lengths: np.ndarray) -> None:
         shaping = self.cfg.algorithm.dapo.overlong_reward_shaping
@@ -192,32 +193,32 @@ class RayTrainer:
         cfg, ds = self.cfg, self.cfg.algorithm.dapo.dynamic_sampling
         roll = cfg.actor_rollout_ref.rollout
         kept: list[Batch] = []
-        all_metrics: list[dict] = []
+        generated: list[Batch] = []
         num_groups, gen_batches = 0, 0
         max_batches = ds.max_num_gen_batches if ds.enable else 1
         while num_groups < cfg.data.train_batch_size and gen_batches < max_batches:
-            sampling = SamplingParams(temperature=roll.temperature, top_p=roll.top_p, top_k=roll.top_k,
-                                      max_tokens=roll.response_length, n=1,
-                                      seed=self._seed(self.global_step, gen_batches))
-            batch, m = self._rollout(self._next_games(), roll.n, sampling, f"s{self.global_step}g{gen_batches}",
-                                     timings)
+            sampling = SamplingParams.from_rollout_config(roll, n=1, seed=self._seed(self.global_step, gen_batches))
+            batch = self._rollout(self._next_games(), roll.n, sampling, f"s{self.global_step}g{gen_batches}", timings)
             gen_batches += 1
-            all_metrics.append(m)
+            generated.append(batch)
+            # a crashed env is not the policy's doing: such episodes are counted, never trained on
+            batch = batch.select(batch.ids["finish_reason"] != "env_error")
             if ds.enable:
                 keep, _ = algos.filter_groups(batch.ids["score"], batch.ids["uid"], ds.mode)
                 batch = batch.select(np.asarray(keep, dtype=bool))
             kept.append(batch)
-            num_groups += len(set(batch.ids["uid"].tolist())) if len(batch) else 0
+            num_groups += len(set(batch.ids["uid"].tolist()))
         batch = Batch.concat(kept)
-        if len(batch) and num_groups > cfg.data.train_batch_size:  # keep whole groups, first come first kept
+        if num_groups > cfg.data.train_batch_size:  # keep whole groups, first come first kept
             uids = list(dict.fromkeys(batch.ids["uid"].tolist()))[: cfg.data.train_batch_size]
             batch = batch.select(np.isin(batch.ids["uid"], uids))
             num_groups = cfg.data.train_batch_size
-        metrics = {k: float(np.mean([m[k] for m in all_metrics if k in m]))
-                   for k in {k for m in all_metrics for k in m}}
+        all_rows = Batch.concat(generated)  # every episode played this step, kept or not
+        metrics = {f"train/{k}" if k.startswith("success_rate") else k: v for k, v in episode_metrics(all_rows).items()}
         metrics |= {"dynamic_sampling/kept_groups": num_groups, "dynamic_sampling/num_gen_batches": gen_batches,
-                    "dynamic_sampling/kept_rows": len(batch)}
-        return batch, {f"train/{k}" if k.startswith("success_rate") else k: v for k, v in metrics.items()}
+                    "dynamic_sampling/kept_rows": len(batch),
+                    "perf/generated_tokens": int(all_rows["response_mask"].sum())}
+        return batch, metrics
 
     # ------------------------------------------------------------------ learning
     def _compute_old_log_prob(self, batch: Batch, metrics: dict) -> Batch:
@@ -243,20 +244,20 @@ class RayTrainer:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> dict:
-        vk = self.cfg.actor_rollout_ref.rollout.val_kwargs
         roll = self.cfg.actor_rollout_ref.rollout
-        sampling = SamplingParams(temperature=vk.temperature, top_p=vk.top_p, max_tokens=roll.response_length,
-                                  n=1, seed=self._seed(self.global_step, -1))
+        sampling = SamplingParams.from_rollout_config(roll, validate=True, n=1, seed=self._seed(self.global_step, 0))
         size = self.cfg.data.val_batch_size or len(self.val_games)
         batches = []
         for start in range(0, len(self.val_games), size):  # each eval game exactly once, fixed order
-            b, _ = self._rollout(self.val_games[start:start + size], vk.n, sampling,
-                                 f"val{self.global_step}c{start}", {})
-            batches.append(b)
+            batches.append(self._rollout(self.val_games[start:start + size], roll.val_kwargs.n, sampling,
+                                         f"val{self.global_step}c{start}", {}))
         metrics = episode_metrics(Batch.concat(batches))
         return {f"val/{k}": v for k, v in metrics.items() if k.startswith("success_rate")}
 
     # ------------------------------------------------------------------ state
+    def rng_permutation(self, n: int, salt: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.trainer.seed, salt]).permutation(n)
+
     def _seed(self, step: int, sub: int) -> int | None:
         return None if not self.cfg.trainer.deterministic else self.cfg.trainer.seed * 1_000_003 + step * 1009 + sub + 1
 
@@ -291,14 +292,14 @@ class RayTrainer:
         print(f"resumed from {path} at step {self.global_step}", flush=True)
         return state.get("wandb_run_id")
 
-    def _timing_metrics(self, timings: dict[str, float], batch: Batch) -> dict:
+    def _timing_metrics(self, timings: dict[str, float], generated_tokens: int) -> dict:
         out = {f"timing/{k}": v for k, v in timings.items()}
         phases = sum(timings.get(k, 0.0) for k in TIMED_PHASES)
         step = timings.get("step", 0.0)
         out["timing/overhead"] = max(0.0, step - phases)
         out["timing/overhead_frac"] = out["timing/overhead"] / step if step else 0.0
-        tokens = int(batch["response_attention_mask"].sum() + batch["prompt_attention_mask"].sum()) if len(batch) else 0
-        out["perf/tokens_per_s"] = tokens / step if step else 0.0
+        # throughput of the whole step: every model-generated token of every episode played
+        out["perf/tokens_per_s"] = generated_tokens / step if step else 0.0
         return out
 
     def shutdown(self) -> None:

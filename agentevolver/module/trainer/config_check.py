@@ -98,6 +98,8 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.env.rollout_mode == "trajectory" and cfg.env.history_window is not None:
         _fail("env.history_window", cfg.env.history_window,
               "trajectory mode keeps the full history in one token sequence: use null")
+    _number(cfg, "sft.epochs", minimum=1, integer=True)
+    _number(cfg, "sft.lr", above=0)
     _one_of(cfg, "trainer.device", DEVICES)
     loggers = cfg.trainer.logger
     loggers = list(loggers) if isinstance(loggers, (list, ListConfig)) else [loggers]
@@ -113,20 +115,12 @@ def check_values(cfg: DictConfig) -> None:
         _fail("trainer.resume_mode", mode, "valid values are auto, disable, or a checkpoint path")
 
 
-def resolve_device(cfg: DictConfig) -> str:
-    if cfg.trainer.device != "auto":
-        return cfg.trainer.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_environment(cfg: DictConfig) -> None:
     """Checks against this machine: hardware, model folder, data folder, resume path."""
     import torch
 
     rollout = cfg.actor_rollout_ref.rollout
-    device = resolve_device(cfg)
+    device = cfg.trainer.device if cfg.trainer.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if rollout.name == "vllm" and not torch.cuda.is_available():
         _fail("actor_rollout_ref.rollout.name", "vllm",
               "vLLM needs CUDA and this machine has none: use actor_rollout_ref.rollout.name=hf")

@@ -1,0 +1,188 @@
+"""One live ALFWorld game on the real engine (TextWorld's PddlEnv + alfworld's wrappers).
+
+The stack is what alfworld 0.4.2's `AlfredTWEnv` builds for text play:
+`AlfredInfos(AlfredDemangler(shuffle=False)(PddlEnv(EnvInfos(won, admissible_commands, extras))))`,
+without the `AlfredExpert` wrapper (its planner is slow and its handcoded expert is broken for
+pick_two in 0.4.x): the walkthrough comes from the plan stored in the game file.
+
+Why the caches: every `PddlEnv.load` and every `PddlEnv.reset` re-runs the fast-downward translator
+twice (≈ 0.2-1 s for a real scene) and re-parses the grammar; a GRPO group plays the same game n
+times. The translator output depends only on (domain, problem), so it is memoised per process
+(bounded LRU), as are the parsed JSON and the grammar. A reset of a cached game then costs ≈ 30 ms.
+Why one `PddlEnv` per engine, reused: each `PddlEnv()` dlopens a private copy of libdownward that is
+never unloaded (a fresh env per episode grows RSS without bound), and one library copy holds one
+live game state, so a process hosts as many engines as concurrent episodes and recycles them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fast_downward
+import textworld
+from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+from textworld.envs.pddl import PddlEnv
+from textworld.envs.pddl import logic as pddl_logic
+
+from agentevolver.alfworld.data import GAME_FILE, read_task_type
+
+TASK_PREFIX = "Your task is to: "
+CACHE_SIZE = 64  # games per process (≈ 1-3 MB each for real scenes)
+
+
+@dataclass
+class StepResult:
+    """What the agent sees after a reset or a step. `info` on reset: task, task_type, walkthrough, game."""
+
+    observation: str
+    admissible: list[str]
+    won: bool
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class _LRU:
+    """A small bounded cache: `get(key, make)` builds on a miss and evicts the least recently used."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key, make: Callable[[], Any]):
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        value = make()
+        self._items[key] = value
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_GAME_DATA = _LRU(CACHE_SIZE)  # game file path -> parsed JSON
+_LOGIC = _LRU(CACHE_SIZE)  # game file path -> GameLogic (domain + grammar with the task sentence)
+_TRANSLATION = _LRU(CACHE_SIZE)  # (domain, problem) -> (task, sas)
+_ORIGINAL_PDDL2SAS = fast_downward.pddl2sas
+
+
+def _memo_pddl2sas(domain: str, problem: str, verbose: bool = False, optimize: bool = False):
+    """fast_downward.pddl2sas, memoised on (domain, problem).
+
+    PddlState translates twice: the plain task (played) and an `optimize=True` task that libdownward
+    keeps only for `replan`. This engine never plans, so the replanning slot gets the plain
+    translation too: one translator run per game instead of four per episode.
+    """
+    del optimize  # see docstring: the optimised task is only read by the planner
+    return _TRANSLATION.get((domain, problem), lambda: _ORIGINAL_PDDL2SAS(domain, problem, verbose=verbose))
+
+
+@contextlib.contextmanager
+def _engine_call() -> Iterator[None]:
+    """Memoised translator for the duration of one load/reset; sys.argv restored (the translator sets it)."""
+    argv = list(sys.argv)
+    fast_downward.pddl2sas = _memo_pddl2sas
+    try:
+        yield
+    finally:
+        fast_downward.pddl2sas = _ORIGINAL_PDDL2SAS
+        sys.argv[:] = argv
+
+
+def game_file_of(game: str | Path) -> str:
+    """Accept a game folder or its game.tw-pddl path."""
+    path = Path(game)
+    return str(path if path.name == GAME_FILE else path / GAME_FILE)
+
+
+def _load_json(game_file: str) -> dict:
+    with open(game_file) as f:
+        return json.load(f)
+
+
+class _CachedPddlEnv(PddlEnv):
+    """PddlEnv whose `load` re-uses the parsed game file and grammar (same fields as PddlEnv.load)."""
+
+    def load(self, game_file: str) -> None:
+        data = _GAME_DATA.get(game_file, lambda: _load_json(game_file))
+        self._game_file = game_file
+        self._game_data = data
+        self.walkthrough = data.get("walkthrough", None)
+        self._logic = _LOGIC.get(
+            game_file,
+            lambda: pddl_logic.GameLogic(domain=data["pddl_domain"], grammar=data["grammar"]),
+        )
+        self._pddl_state = pddl_logic.PddlState(self.downward_lib, data["pddl_problem"], self._logic)
+        self._entity_infos = self._get_entity_infos()
+
+
+def extract_task(observation: str) -> str:
+    """The task sentence of the intro text ('put a clean apple in fridge.'), '' if absent."""
+    idx = observation.rfind(TASK_PREFIX)
+    return observation[idx + len(TASK_PREFIX):].strip() if idx >= 0 else ""
+
+
+class GameEngine:
+    """One live game. `reset(game)` loads (or re-uses) the game; `step(command)` plays one command.
+
+    Never plans: the walkthrough in `info` is the plan stored in the game file.
+    """
+
+    def __init__(self) -> None:
+        # `walkthrough` is served from the file by PddlEnv (it plans only when the file has none; every
+        # alfworld game file has one, and we never fall back: see _walkthrough below).
+        infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile"])
+        self._env = AlfredInfos(AlfredDemangler(shuffle=False)(_CachedPddlEnv(infos)))
+        self._loaded: str | None = None
+        self.game_file: str | None = None
+        self.episodes = 0
+
+    def reset(self, game: str | Path) -> StepResult:
+        game_file = game_file_of(game)
+        with _engine_call():
+            if self._loaded != game_file:
+                self._loaded = None  # a failed load leaves the engine unloaded, not half-loaded
+                self._env.load(game_file)
+                self._loaded = game_file
+            state = self._env.reset()
+        self.game_file = game_file
+        self.episodes += 1
+        observation = state["feedback"]
+        data = _GAME_DATA.get(game_file, lambda: _load_json(game_file))
+        info = {
+            "task": extract_task(observation),
+            "task_type": read_task_type(Path(game_file).parent),
+            "walkthrough": list(data.get("walkthrough") or []),
+            "game": str(Path(game_file).parent),
+        }
+        return StepResult(observation, list(state["admissible_commands"]), bool(state["won"]), False, info)
+
+    def step(self, command: str) -> StepResult:
+        if self._loaded is None or self.game_file is None:
+            raise RuntimeError("GameEngine.step before reset")
+        state, _, done = self._env.step(command)
+        won = bool(state["won"])
+        return StepResult(state["feedback"], list(state["admissible_commands"]), won, bool(done or won), {})
+
+
+def cache_stats() -> dict[str, int]:
+    """Sizes and hit counts of this process's game caches."""
+    return {
+        "games": len(_GAME_DATA),
+        "logic": len(_LOGIC),
+        "translations": len(_TRANSLATION),
+        "translation_hits": _TRANSLATION.hits,
+        "translation_misses": _TRANSLATION.misses,
+    }

@@ -1,0 +1,73 @@
+"""Warm start by supervised fine-tuning on the planner walkthroughs — on the SAME stack as DAPO.
+
+    python -m agentevolver.sft --config-name alfworld_dapo_tiny [overrides]   # writes <default_local_dir>/hf_actor
+
+Each training game's stored walkthrough is played through the real env pool with teacher forcing
+(`LLMPolicy(teacher=...)`), so the SFT rows are token-for-token the sequences the RL rollout builds
+(same prompts, same observation turns, response_mask on the action tokens). The FSDP2 actor then
+runs `update_actor(loss="sft")`: token-mean NLL with the mini-batch's global token count.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from agentevolver.main_ppo import CONFIG_DIR, UserError
+from agentevolver.protocol import Batch
+from agentevolver.workers.rollout.base import SamplingParams
+
+
+def walkthrough_teacher(view) -> str:
+    walkthrough = view.info.get("walkthrough") or []
+    action = walkthrough[view.step] if view.step < len(walkthrough) else "look"
+    return f"<action>{action}</action>"
+
+
+def run_sft(cfg: DictConfig) -> dict:
+    from agentevolver.alfworld.data import AlfworldDataError
+    from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
+    from agentevolver.module.trainer.config_check import ConfigError, validate_config
+
+    cfg.actor_rollout_ref.actor.optim.lr = cfg.sft.lr
+    cfg.algorithm.dapo.overlong_reward_shaping.enable = False
+    try:
+        validate_config(cfg)
+    except (ConfigError, AlfworldDataError) as e:
+        raise UserError(str(e)) from None
+    trainer = RayTrainer(cfg)
+    try:
+        t0 = time.perf_counter()
+        games, size = trainer.train_games, cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
+        parts = [trainer._rollout(games[i:i + size], 1, SamplingParams(), f"sft{i}", {},
+                                  teacher=walkthrough_teacher) for i in range(0, len(games), size)]
+        data = Batch.concat(parts)
+        won = float(data.ids["won"].mean())
+        print(f"sft: {len(data)} walkthrough trajectories (won {won:.2f}), "
+              f"{int(data['response_mask'].sum())} target tokens, collected in {time.perf_counter() - t0:.1f}s")
+        metrics = {}
+        for epoch in range(cfg.sft.epochs):
+            order = trainer.rng_permutation(len(data), epoch)
+            metrics = trainer.workers.update_actor(data.select(order), loss="sft")
+            trainer.tracker.log({"sft/epoch": epoch} | metrics, step=epoch)
+        trainer.workers.sync_weights()
+        trainer.workers.export_hf(str(trainer.out_dir / "hf_actor"))
+        print(f"sft: wrote {trainer.out_dir / 'hf_actor'}")
+        return metrics
+    finally:
+        trainer.shutdown()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="alfworld_dapo_tiny", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        run_sft(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

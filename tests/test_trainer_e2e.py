@@ -1,0 +1,165 @@
+"""The trainer end to end on CPU: the real entry point, Ray, env pool, FSDP2 on 2 gloo ranks, HF rollout.
+
+Generated games + the project's tiny model; every run is small (2 tasks × n=4, 4 env steps).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from hydra import compose, initialize_config_dir
+
+from agentevolver.main_ppo import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+REQUIRED_KEYS = [
+    "step", "train/success_rate", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
+    "actor/grad_norm", "rollout/probs_diff_mean", "response_length/mean", "episode/num_turns_mean",
+    "episode/format_errors_mean", "episode/invalid_actions_mean", "dynamic_sampling/kept_groups",
+    "dynamic_sampling/num_gen_batches", "timing/step", "timing/gen", "timing/env", "timing/old_log_prob",
+    "timing/update_actor", "timing/sync_weights", "perf/tokens_per_s",
+]
+
+
+@pytest.fixture(scope="module")
+def gen_data(tmp_path_factory) -> Path:
+    from agentevolver.alfworld.generator import generate_games
+
+    out = tmp_path_factory.mktemp("games")
+    generate_games(out, 4, seed=11, split="train", max_receptacles=8)
+    generate_games(out, 3, seed=12, split="valid_seen", max_receptacles=8)
+    return out
+
+
+def small_overrides(model: Path, data: Path, out: Path) -> list[str]:
+    # dynamic sampling off: a random-init model never wins, so every group would be dropped
+    return [f"actor_rollout_ref.model.path={model}", f"env.alfworld.data_dir={data}",
+            f"trainer.default_local_dir={out}", f"hydra.run.dir={out / 'hydra'}", "trainer.logger=[console,file]",
+            "data.train_batch_size=2", "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "actor_rollout_ref.rollout.response_length=24",
+            "env.max_steps=4", "algorithm.dapo.dynamic_sampling.enable=false", "trainer.deterministic=true"]
+
+
+def cli(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "agentevolver.main_ppo", "--config-name", "alfworld_dapo_tiny", *overrides]
+
+
+def env() -> dict:
+    return dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+
+
+def read_metrics(out: Path) -> dict[int, dict]:
+    """Last row per step (a resumed run re-logs the steps after its checkpoint)."""
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, gen_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + [
+        "trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.test_freq=3"]),
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_e2e_metrics_checkpoints_export(full_run):
+    rows = read_metrics(full_run)
+    assert sorted(rows) == [0, 1, 2, 3]  # step 0 = val_before_train
+    for step in (1, 2, 3):
+        missing = [k for k in REQUIRED_KEYS if k not in rows[step]]
+        assert not missing, missing
+        assert rows[step]["rollout/probs_diff_mean"] < 1e-4
+        assert 0 <= rows[step]["train/success_rate"] <= 1
+        assert rows[step]["timing/step"] > 0 and rows[step]["perf/tokens_per_s"] > 0
+    assert "val/success_rate" in rows[0] and "val/success_rate" in rows[3]
+    assert any(k.startswith("train/success_rate/") for k in rows[1])
+    # atomic checkpoints, keep-last 2, and the exported HF actor reloads
+    steps = sorted(p.name for p in full_run.glob("global_step_*"))
+    assert steps == ["global_step_2", "global_step_3"]
+    assert (full_run / "latest_checkpointed_iteration.txt").read_text() == "3"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(full_run / "hf_actor")
+
+
+def test_kill9_then_resume_matches_uninterrupted(full_run, tiny_model_dir, gen_data, tmp_path):
+    out = tmp_path / "killed"
+    args = cli(small_overrides(tiny_model_dir, gen_data, out) + [
+        "trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.test_freq=3"])
+    proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while not (out / "global_step_1").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and everything it started (a node crash)
+    proc.wait()
+    assert (out / "global_step_1").is_dir() and not (out / "global_step_3").is_dir()
+    resumed = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    want, got = read_metrics(full_run), read_metrics(out)
+    for step in (2, 3):
+        for key, value in want[step].items():
+            if key.startswith(("timing/", "perf/tokens_per_s")):
+                continue
+            assert got[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_validation_only(tiny_model_dir, gen_data, tmp_path):
+    out = tmp_path / "val"
+    proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + ["trainer.val_only=true"]),
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert list(rows) == [0]
+    assert "val/success_rate" in rows[0] and "actor/pg_loss" not in rows[0]
+    per_type = [k for k in rows[0] if k.startswith("val/success_rate/")]
+    assert len(per_type) == 3  # 3 held-out games of 3 task types, each played exactly once
+
+
+def test_env_actor_killed_mid_rollout(tiny_model_dir, gen_data, tmp_path):
+    """One env actor dies mid-rollout: its episodes end as env_error, the step completes."""
+    from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
+
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("alfworld_dapo_tiny", overrides=small_overrides(tiny_model_dir, gen_data, tmp_path) + [
+            "trainer.total_training_steps=1", "trainer.val_before_train=false", "trainer.test_freq=0",
+            "trainer.save_freq=0", "trainer.export_hf=false", "env.pool.num_workers=2", "env.max_steps=6"])
+    trainer = RayTrainer(cfg)
+    killed = threading.Event()
+
+    def kill_when_busy() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if trainer.pool.live_episodes():
+                time.sleep(1.0)  # let a few turns happen
+                ray.kill(trainer.pool.worker_handles()[0], no_restart=True)
+                killed.set()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_when_busy, daemon=True).start()
+    try:
+        metrics = trainer.fit()
+    finally:
+        trainer.shutdown()
+        ray.shutdown()
+    assert killed.is_set()
+    assert 0 < metrics["episode/finish_reason/env_error"] < 1
+    assert "actor/pg_loss" in metrics  # the step trained on the batch
+    assert trainer.pool.num_restarts >= 1
