@@ -122,7 +122,8 @@ def test_kill9_then_resume_matches_uninterrupted(full_run, tiny_model_dir, gen_d
 
 def test_validation_only(tiny_model_dir, gen_data, tmp_path):
     out = tmp_path / "val"
-    proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + ["trainer.val_only=true"]),
+    proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + [
+        "trainer.val_only=true", "trainer.logger=[console,file,wandb]"]),
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out)
@@ -130,6 +131,7 @@ def test_validation_only(tiny_model_dir, gen_data, tmp_path):
     assert "val/success_rate" in rows[0] and "actor/pg_loss" not in rows[0]
     per_type = [k for k in rows[0] if k.startswith("val/success_rate/")]
     assert len(per_type) == 3  # 3 held-out games of 3 task types, each played exactly once
+    assert list((out / "wandb").glob("offline-run-*")), "wandb should log offline by default"
 
 
 def test_env_actor_killed_mid_rollout(tiny_model_dir, gen_data, tmp_path):

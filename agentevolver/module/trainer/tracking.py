@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ class Tracking:
         # Offline unless the user configured wandb (a key or an explicit mode): no network by default.
         if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
             os.environ["WANDB_MODE"] = "offline"
-        self.wandb_run_id = run_id or wandb.util.generate_id()
+        self.wandb_run_id = run_id or uuid.uuid4().hex[:12]  # kept in checkpoints: resume continues the run
         self.wandb_run = wandb.init(
             project=cfg.trainer.project_name, name=cfg.trainer.experiment_name, id=self.wandb_run_id,
             resume="allow", dir=str(self.out_dir), config=OmegaConf.to_container(cfg, resolve=True),
