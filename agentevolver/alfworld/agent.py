@@ -143,7 +143,8 @@ class EpisodeStats:
     finish_reason: str = ""
     task_type: str = ""
     task_id: str = ""
-    history: list[tuple[str, str]] = field(default_factory=list)  # (observation, action) per turn
+    # (observation, action) per turn; on a format error the action is the raw answer (first 200 chars)
+    history: list[tuple[str, str]] = field(default_factory=list)
     error: str = ""
 
 
