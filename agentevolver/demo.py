@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/demo")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--train-games", type=int, default=48)
-    ap.add_argument("--heldout-games", type=int, default=24)
+    ap.add_argument("--train-games", type=int, default=64)
+    ap.add_argument("--heldout-games", type=int, default=18)
+    ap.add_argument("--max-receptacles", type=int, default=8, help="small scenes keep CPU prompts short")
     ap.add_argument("--sft-epochs", type=int, default=None, help="default: the config's sft.epochs")
-    ap.add_argument("--steps", type=int, default=None, help="DAPO steps (default: the config's)")
+    ap.add_argument("--steps", type=int, default=8, help="DAPO steps")
+    ap.add_argument("--test-freq", type=int, default=4)
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the DAPO run")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
@@ -86,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (TINY_MODEL / "config.json").is_file():
         sh(py, "-m", "agentevolver.models.build_tiny", "--out", str(TINY_MODEL))
     if not (data / "json_2.1.1" / "train").is_dir():
+        knobs = ["--max-receptacles", str(args.max_receptacles), "--distractors", "0,2"]
         sh(py, "-m", "agentevolver.alfworld", "generate", "--out", str(data), "--num-games", str(args.train_games),
-           "--seed", str(1000 * args.seed), "--split", "train")
+           "--seed", str(1000 * args.seed), "--split", "train", *knobs)
         sh(py, "-m", "agentevolver.alfworld", "generate", "--out", str(data), "--num-games",
-           str(args.heldout_games), "--seed", str(1000 * args.seed + 500), "--split", "valid_seen")
+           str(args.heldout_games), "--seed", str(1000 * args.seed + 500), "--split", "valid_seen", *knobs)
     common = [f"env.alfworld.data_dir={data}", f"trainer.seed={args.seed}", f"data.seed={args.seed}",
               "trainer.resume_mode=disable"]
     sft_dir = out / "sft"
@@ -104,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     dapo = [py, "-m", "agentevolver.main_ppo", "--config-name", "alfworld_dapo_tiny", *common,
             f"actor_rollout_ref.model.path={sft_dir / 'hf_actor'}", f"trainer.default_local_dir={dapo_dir}",
             "trainer.val_before_train=true", "trainer.logger=[console,file]", f"hydra.run.dir={out / 'hydra' / 'dapo'}",
-            *args.overrides]
-    if args.steps is not None:
-        dapo.append(f"trainer.total_training_steps={args.steps}")
+            f"trainer.total_training_steps={args.steps}", f"trainer.test_freq={args.test_freq}",
+            f"trainer.save_freq={args.steps}", *args.overrides]
     sh(*dapo)
 
     rows = read_metrics(dapo_dir / "metrics.jsonl")

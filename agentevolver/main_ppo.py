@@ -15,21 +15,24 @@ from omegaconf import DictConfig
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "config")
 
 
-class UserError(Exception):
-    """Raised for problems a user can fix; main() prints its one line and exits 2."""
-
-
-def run(cfg: DictConfig) -> dict:
+def validated(cfg: DictConfig) -> DictConfig:
+    """Validate once, before Ray or any worker starts; a user error exits 2 with one line."""
     from agentevolver.alfworld.data import AlfworldDataError
     from agentevolver.module.trainer.config_check import ConfigError, validate_config
 
     try:
         validate_config(cfg)
     except (ConfigError, AlfworldDataError) as e:
-        raise UserError(str(e)) from None
+        # Exit here: hydra reports any Exception escaping the task with a traceback and exit 1.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return cfg
+
+
+def run(cfg: DictConfig) -> dict:
     from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
 
-    trainer = RayTrainer(cfg)
+    trainer = RayTrainer(validated(cfg))
     try:
         return trainer.fit()
     finally:
@@ -38,12 +41,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="alfworld_dapo_tiny", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
-    # Handled here: hydra reports any Exception escaping the task with a traceback and exit 1.
-    try:
-        run(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
 def main() -> None:

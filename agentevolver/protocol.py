@@ -23,12 +23,12 @@ finish_reason, num_turns, policy_version, ...
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-
 
 LEFT_PADDED = ("prompts", "prompt_attention_mask")
 DERIVED = ("input_ids", "attention_mask", "position_ids")
@@ -65,7 +65,7 @@ class Batch:
         if missing:
             raise KeyError(f"Batch is missing {missing}; has {sorted(self.tensors) + sorted(self.ids)}")
 
-    def select(self, rows: Sequence[int] | np.ndarray | torch.Tensor) -> "Batch":
+    def select(self, rows: Sequence[int] | np.ndarray | torch.Tensor) -> Batch:
         """Rows by index (an integer array or a boolean mask)."""
         idx = torch.as_tensor(np.ascontiguousarray(rows))  # torch refuses negative-stride views
         if idx.dtype == torch.bool:
@@ -74,20 +74,20 @@ class Batch:
         return Batch({k: v[idx] for k, v in self.tensors.items()},
                      {k: v[np_idx] for k, v in self.ids.items()}, dict(self.meta))
 
-    def select_keys(self, tensor_keys: Iterable[str] = (), id_keys: Iterable[str] = ("traj_id",)) -> "Batch":
+    def select_keys(self, tensor_keys: Iterable[str] = (), id_keys: Iterable[str] = ("traj_id",)) -> Batch:
         return Batch({k: self.tensors[k] for k in tensor_keys}, {k: self.ids[k] for k in id_keys}, dict(self.meta))
 
-    def chunk(self, num_chunks: int) -> list["Batch"]:
+    def chunk(self, num_chunks: int) -> list[Batch]:
         """Split into `num_chunks` contiguous pieces whose sizes differ by at most one."""
         bounds = np.linspace(0, len(self), num_chunks + 1).round().astype(int)
-        return [self.select(np.arange(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [self.select(np.arange(a, b)) for a, b in itertools.pairwise(bounds)]
 
-    def split(self, size: int) -> list["Batch"]:
+    def split(self, size: int) -> list[Batch]:
         """Pieces of `size` rows (the last may be shorter)."""
         return [self.select(np.arange(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 
     @staticmethod
-    def concat(batches: Sequence["Batch"]) -> "Batch":
+    def concat(batches: Sequence[Batch]) -> Batch:
         """Stack rows; tensors of different trailing length are right-padded with 0 (left for prompts)."""
         batches = [b for b in batches if len(b)]
         if not batches:
@@ -99,7 +99,7 @@ class Batch:
         ids = {k: np.concatenate([b.ids[k] for b in batches]) for k in batches[0].ids}
         return Batch(tensors, ids, dict(batches[0].meta))
 
-    def union(self, other: "Batch") -> "Batch":
+    def union(self, other: Batch) -> Batch:
         """Add `other`'s fields; rows are matched by traj_id. Conflicting keys are refused."""
         joined = other.align_to(self) if "traj_id" in other.ids else other
         clash = (set(self.tensors) & set(joined.tensors)) | ((set(self.ids) & set(joined.ids)) - {"traj_id"})
@@ -109,7 +109,7 @@ class Batch:
                      self.ids | {k: v for k, v in joined.ids.items() if k != "traj_id"},
                      self.meta | joined.meta)
 
-    def align_to(self, reference: "Batch") -> "Batch":
+    def align_to(self, reference: Batch) -> Batch:
         """Reorder rows so that traj_id matches `reference`'s order exactly."""
         pos = {t: i for i, t in enumerate(self.ids["traj_id"].tolist())}
         try:
@@ -120,7 +120,7 @@ class Batch:
             raise ValueError(f"Batch.align_to: {len(self)} rows cannot align to {len(reference)}")
         return self.select(order)
 
-    def to(self, device: str | torch.device) -> "Batch":
+    def to(self, device: str | torch.device) -> Batch:
         return Batch({k: v.to(device) for k, v in self.tensors.items()}, self.ids, self.meta)
 
 

@@ -9,13 +9,12 @@ runs `update_actor(loss="sft")`: token-mean NLL with the mini-batch's global tok
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import hydra
 from omegaconf import DictConfig
 
-from agentevolver.main_ppo import CONFIG_DIR, UserError
+from agentevolver.main_ppo import CONFIG_DIR, validated
 from agentevolver.protocol import Batch
 from agentevolver.workers.rollout.base import SamplingParams
 
@@ -27,16 +26,11 @@ def walkthrough_teacher(view) -> str:
 
 
 def run_sft(cfg: DictConfig) -> dict:
-    from agentevolver.alfworld.data import AlfworldDataError
     from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
-    from agentevolver.module.trainer.config_check import ConfigError, validate_config
 
     cfg.actor_rollout_ref.actor.optim.lr = cfg.sft.lr
     cfg.algorithm.dapo.overlong_reward_shaping.enable = False
-    try:
-        validate_config(cfg)
-    except (ConfigError, AlfworldDataError) as e:
-        raise UserError(str(e)) from None
+    validated(cfg)
     trainer = RayTrainer(cfg)
     try:
         t0 = time.perf_counter()
@@ -62,11 +56,7 @@ def run_sft(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="alfworld_dapo_tiny", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
-        run_sft(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_sft(cfg)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def run_cli(*overrides: str, config: str = "alfworld_dapo_tiny") -> tuple[int, s
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "agentevolver.main_ppo", "--config-name", config, *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                          check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     return proc.returncode, proc.stderr.strip(), time.perf_counter() - t0
 
 

@@ -48,7 +48,7 @@ def test_dapo_drives_bandit_to_success(tiny_model_dir, tmp_path):
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("alfworld_dapo_tiny", overrides=[
             f"actor_rollout_ref.model.path={tiny_model_dir}", "trainer.n_gpus_per_node=1",
-            "actor_rollout_ref.actor.optim.lr=3e-3", "actor_rollout_ref.actor.ppo_mini_batch_size=32",
+            "actor_rollout_ref.actor.optim.lr=1e-2", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", "actor_rollout_ref.rollout.n=8",
             "data.train_batch_size=4", f"trainer.default_local_dir={tmp_path}"])
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)

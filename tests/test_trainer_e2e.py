@@ -72,7 +72,7 @@ def full_run(tiny_model_dir, gen_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full")
     proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + [
         "trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.test_freq=3"]),
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+        check=False, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -109,7 +109,7 @@ def test_kill9_then_resume_matches_uninterrupted(full_run, tiny_model_dir, gen_d
     os.killpg(proc.pid, signal.SIGKILL)  # the trainer and everything it started (a node crash)
     proc.wait()
     assert (out / "global_step_1").is_dir() and not (out / "global_step_3").is_dir()
-    resumed = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(args, check=False, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     want, got = read_metrics(full_run), read_metrics(out)
@@ -124,7 +124,7 @@ def test_validation_only(tiny_model_dir, gen_data, tmp_path):
     out = tmp_path / "val"
     proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + [
         "trainer.val_only=true", "trainer.logger=[console,file,wandb]"]),
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+                          check=False, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out)
     assert list(rows) == [0]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from agentevolver.alfworld.agent import episode_reward, run_episodes
 from agentevolver.alfworld.data import GameSpec, detect_command_wording, list_games, resolve_data_dir
@@ -31,8 +31,8 @@ from agentevolver.module.trainer.config_check import validate_config
 from agentevolver.module.trainer.tracking import Tracking
 from agentevolver.protocol import Batch
 from agentevolver.utils.dist import resolve_device
-from agentevolver.workers.rollout.base import SamplingParams
 from agentevolver.workers.fsdp_worker import ref_enabled
+from agentevolver.workers.rollout.base import SamplingParams
 from agentevolver.workers.worker_group import ActorRolloutRefGroup
 
 TIMED_PHASES = ("gen", "env", "reward", "old_log_prob", "ref", "adv", "update_actor", "sync_weights",
