@@ -12,10 +12,12 @@ Every number written comes from the runs' own metrics.jsonl.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +30,32 @@ def sh(*args: str) -> None:
     print("+", " ".join(args), flush=True)
     subprocess.run(args, check=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE=os.environ.get(
         "WANDB_MODE", "offline")))
+
+
+class PeakMemory:
+    """Peak total RSS of this process and all its descendants (Ray, workers, env actors), sampled."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(interval_s):
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak_mb, 1)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -83,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     t0 = time.time()
+    memory = PeakMemory()
     py = sys.executable
 
     if not (TINY_MODEL / "config.json").is_file():
@@ -125,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_games": args.heldout_games,
         "train_games": args.train_games,
         "wall_time_s": round(time.time() - t0, 1),
+        "peak_rss_mb": memory.stop(),
+        "trainer_overhead_frac_mean": round(sum(r.get("timing/overhead_frac", 0) for r in rows if r["step"] > 0)
+                                            / max(1, sum(1 for r in rows if r["step"] > 0)), 4),
         "loss_agg_mode": "token-mean",
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

