@@ -204,7 +204,8 @@ class RayTrainer:
             # a crashed env is not the policy's doing: such episodes are counted, never trained on
             batch = batch.select(batch.ids["finish_reason"] != "env_error")
             if ds.enable:
-                keep, _ = algos.filter_groups(batch.ids["score"], batch.ids["uid"], ds.mode)
+                signal = batch.ids["won"].astype(np.float32) if ds.metric == "acc" else batch.ids["score"]
+                keep, _ = algos.filter_groups(signal, batch.ids["uid"], ds.mode)
                 batch = batch.select(np.asarray(keep, dtype=bool))
             kept.append(batch)
             num_groups += len(set(batch.ids["uid"].tolist()))

@@ -71,6 +71,7 @@ def check_values(cfg: DictConfig) -> None:
     _one_of(cfg, "algorithm.adv_estimator", ADV_ESTIMATORS)
     _one_of(cfg, "algorithm.dapo.dynamic_sampling.mode", DYNAMIC_SAMPLING_MODES)
     _number(cfg, "algorithm.dapo.dynamic_sampling.max_num_gen_batches", minimum=1, integer=True)
+    _one_of(cfg, "algorithm.dapo.dynamic_sampling.metric", ("acc", "score"))
     _one_of(cfg, "algorithm.dapo.overlong_reward_shaping.mode", REWARD_SHAPING_MODES)
     _number(cfg, "algorithm.dapo.overlong_reward_shaping.buffer_length", minimum=0, integer=True)
     _one_of(cfg, "actor_rollout_ref.rollout.name", ROLLOUT_NAMES)
