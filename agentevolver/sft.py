@@ -70,7 +70,7 @@ def run_sft(cfg: DictConfig) -> dict:
                                   teacher=teacher) for i in range(0, len(games), size)]
         data = Batch.concat(parts)
         won = float(data.ids["won"].mean())
-        print(f"sft: {len(data)} walkthrough trajectories (won {won:.2f}), "
+        print(f"sft: {len(data)} {cfg.sft.teacher}-teacher trajectories (won {won:.2f}), "
               f"{int(data['response_mask'].sum())} target tokens, collected in {time.perf_counter() - t0:.1f}s")
         metrics = {}
         for epoch in range(cfg.sft.epochs):

@@ -26,7 +26,7 @@ REQUIRED_KEYS = [
     "step", "train/success_rate", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
     "actor/grad_norm", "rollout/probs_diff_mean", "response_length/mean", "episode/num_turns_mean",
     "episode/format_errors_mean", "episode/invalid_actions_mean", "dynamic_sampling/kept_groups",
-    "dynamic_sampling/num_gen_batches", "timing/step", "timing/gen", "timing/env", "timing/old_log_prob",
+    "dynamic_sampling/num_gen_batches", "timing/step", "timing/gen", "timing/env", "timing/old_log_prob", "timing/ref",
     "timing/update_actor", "timing/sync_weights", "perf/tokens_per_s",
 ]
 

@@ -93,7 +93,7 @@ class RayTrainer:
 
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True)
         while self.global_step < self.total_steps:
-            timings = {}
+            timings = {"ref": 0.0}  # logged every step; stays 0 when no reference policy is configured
             metrics: dict = {}
             with timer("step", timings):
                 batch, gen_metrics = self._generate_train_batch(timings)
