@@ -66,7 +66,7 @@ def run_sft(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         games, size = trainer.train_games, cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
         teacher = TEACHERS[cfg.sft.teacher](cfg.trainer.seed, cfg.sft.max_detours)
-        parts = [trainer._rollout(games[i:i + size], cfg.sft.samples_per_game, SamplingParams(), f"sft{i}", {},
+        parts = [trainer.rollout(games[i:i + size], cfg.sft.samples_per_game, SamplingParams(), f"sft{i}", {},
                                   teacher=teacher) for i in range(0, len(games), size)]
         data = Batch.concat(parts)
         won = float(data.ids["won"].mean())

@@ -17,7 +17,7 @@ import pytest
 import ray
 from hydra import compose, initialize_config_dir
 
-from agentevolver.main_ppo import CONFIG_DIR
+from agentevolver.main_ppo import CONFIG_DIR, validated
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -142,7 +142,7 @@ def test_env_actor_killed_mid_rollout(tiny_model_dir, gen_data, tmp_path):
         cfg = compose("alfworld_dapo_tiny", overrides=small_overrides(tiny_model_dir, gen_data, tmp_path) + [
             "trainer.total_training_steps=1", "trainer.val_before_train=false", "trainer.test_freq=0",
             "trainer.save_freq=0", "trainer.export_hf=false", "env.pool.num_workers=2", "env.max_steps=6"])
-    trainer = RayTrainer(cfg)
+    trainer = RayTrainer(validated(cfg))
     killed = threading.Event()
 
     def kill_when_busy() -> None:
@@ -165,3 +165,19 @@ def test_env_actor_killed_mid_rollout(tiny_model_dir, gen_data, tmp_path):
     assert 0 < metrics["episode/finish_reason/env_error"] < 1
     assert "actor/pg_loss" in metrics  # the step trained on the batch
     assert trainer.pool.num_restarts >= 1
+
+
+def test_sft_warm_start_on_walkthroughs(tiny_model_dir, gen_data, tmp_path):
+    """The SFT command reuses the actor worker: teacher-forced walkthroughs win, the loss falls."""
+    out = tmp_path / "sft"
+    overrides = small_overrides(tiny_model_dir, gen_data, out) + ["sft.epochs=3", "env.max_steps=12"]
+    proc = subprocess.run([sys.executable, "-m", "agentevolver.sft", "--config-name", "alfworld_dapo_tiny",
+                           *overrides], check=False, cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "explore-teacher trajectories (won 1.00)" in proc.stdout  # detours + walkthrough still win
+    losses = [row["actor/sft_loss"] for _, row in sorted(read_metrics(out).items())]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "hf_actor")

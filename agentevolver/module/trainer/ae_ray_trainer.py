@@ -27,7 +27,6 @@ from agentevolver.alfworld.pool import EnvPool
 from agentevolver.module.agent_flow.llm_policy import LLMPolicy
 from agentevolver.module.exp_manager import het_core_algos as algos
 from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
-from agentevolver.module.trainer.config_check import validate_config
 from agentevolver.module.trainer.tracking import Tracking
 from agentevolver.protocol import Batch
 from agentevolver.utils.dist import resolve_device
@@ -48,7 +47,7 @@ def timer(name: str, timings: dict[str, float]):
 
 class RayTrainer:
     def __init__(self, cfg: DictConfig) -> None:
-        validate_config(cfg)  # idempotent; main_ppo already ran it before anything started
+        """`cfg` must already be validated (`main_ppo.validated`), before anything here starts."""
         self.cfg = cfg
         self.device = resolve_device(cfg.trainer.device)
         self.out_dir = Path(cfg.trainer.default_local_dir)
@@ -144,7 +143,7 @@ class RayTrainer:
             self.cursor += 1
         return games
 
-    def _rollout(self, games: list[GameSpec], n: int, sampling: SamplingParams, tag: str,
+    def rollout(self, games: list[GameSpec], n: int, sampling: SamplingParams, tag: str,
                  timings: dict[str, float], teacher=None) -> Batch:
         """Play every game n times; one Batch row per episode, rewards shaped, ids attached."""
         cfg = self.cfg
@@ -198,7 +197,7 @@ class RayTrainer:
         max_batches = ds.max_num_gen_batches if ds.enable else 1
         while num_groups < cfg.data.train_batch_size and gen_batches < max_batches:
             sampling = SamplingParams.from_rollout_config(roll, n=1, seed=self._seed(self.global_step, gen_batches))
-            batch = self._rollout(self._next_games(), roll.n, sampling, f"s{self.global_step}g{gen_batches}", timings)
+            batch = self.rollout(self._next_games(), roll.n, sampling, f"s{self.global_step}g{gen_batches}", timings)
             gen_batches += 1
             generated.append(batch)
             # a crashed env is not the policy's doing: such episodes are counted, never trained on
@@ -250,7 +249,7 @@ class RayTrainer:
         size = self.cfg.data.val_batch_size or len(self.val_games)
         batches = []
         for start in range(0, len(self.val_games), size):  # each eval game exactly once, fixed order
-            batches.append(self._rollout(self.val_games[start:start + size], roll.val_kwargs.n, sampling,
+            batches.append(self.rollout(self.val_games[start:start + size], roll.val_kwargs.n, sampling,
                                          f"val{self.global_step}c{start}", {}))
         metrics = episode_metrics(Batch.concat(batches))
         return {f"val/{k}": v for k, v in metrics.items() if k.startswith("success_rate")}
