@@ -29,7 +29,6 @@ from agentevolver.module.exp_manager import het_core_algos as algos
 from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
 from agentevolver.module.trainer.tracking import Tracking
 from agentevolver.protocol import Batch
-from agentevolver.utils.dist import resolve_device
 from agentevolver.workers.fsdp_worker import ref_enabled
 from agentevolver.workers.rollout.base import SamplingParams
 from agentevolver.workers.worker_group import ActorRolloutRefGroup
@@ -49,7 +48,6 @@ class RayTrainer:
     def __init__(self, cfg: DictConfig) -> None:
         """`cfg` must already be validated (`main_ppo.validated`), before anything here starts."""
         self.cfg = cfg
-        self.device = resolve_device(cfg.trainer.device)
         self.out_dir = Path(cfg.trainer.default_local_dir)
         self._seed_everything(cfg.trainer.seed)
         if not ray.is_initialized():
