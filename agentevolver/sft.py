@@ -9,50 +9,23 @@ runs `update_actor(loss="sft")`: token-mean NLL with the mini-batch's global tok
 """
 from __future__ import annotations
 
-import random
 import time
 
 import hydra
 from omegaconf import DictConfig
 
+from agentevolver.alfworld.play import WalkthroughPolicy
 from agentevolver.main_ppo import CONFIG_DIR, validated
 from agentevolver.protocol import Batch
 from agentevolver.workers.rollout.base import SamplingParams
 
 
-def walkthrough_teacher(view) -> str:
-    """The planner's walkthrough, verbatim (privileged: it walks straight to the hidden object)."""
-    walkthrough = view.info.get("walkthrough") or []
-    action = walkthrough[view.step] if view.step < len(walkthrough) else "look"
-    return f"<action>{action}</action>"
-
-
-class ExploringTeacher:
-    """The walkthrough after 0..max_detours visits to other receptacles, chosen per episode (seeded).
-
-    The planner knows where objects are; an agent does not. Detours show the search a real agent
-    needs (go somewhere, see the object is not there, go on) using only legal moves, and the
-    walkthrough still wins afterwards because `go to` is admissible from anywhere.
-    """
-
-    def __init__(self, seed: int, max_detours: int = 2) -> None:
-        self.seed, self.max_detours = seed, max_detours
-        self.plans: dict[str, list[str]] = {}
-
-    def __call__(self, view) -> str:
-        plan = self.plans.get(view.episode_id)
-        if plan is None:
-            walkthrough = list(view.info.get("walkthrough") or [])
-            rng = random.Random(f"{self.seed}-{view.episode_id}")
-            others = sorted(a for a in view.admissible if a.startswith("go to ") and a not in walkthrough)
-            k = rng.randint(0, min(self.max_detours, len(others)))
-            plan = self.plans[view.episode_id] = rng.sample(others, k) + walkthrough
-        action = plan[view.step] if view.step < len(plan) else "look"
-        return f"<action>{action}</action>"
-
-
-TEACHERS = {"walkthrough": lambda seed, detours: walkthrough_teacher,
-            "explore": lambda seed, detours: ExploringTeacher(seed, detours)}
+def make_teacher(cfg: DictConfig):
+    """view -> response text. `walkthrough` = the planner plan verbatim (privileged: it walks straight
+    to the hidden object); `explore` = the same expert after 0..sft.max_detours seeded detours."""
+    detours = cfg.sft.max_detours if cfg.sft.teacher == "explore" else 0
+    expert = WalkthroughPolicy(seed=cfg.trainer.seed, max_detours=detours)
+    return lambda view: f"<action>{expert.action(view)}</action>"
 
 
 def run_sft(cfg: DictConfig) -> dict:
@@ -65,7 +38,7 @@ def run_sft(cfg: DictConfig) -> dict:
     try:
         t0 = time.perf_counter()
         games, size = trainer.train_games, cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
-        teacher = TEACHERS[cfg.sft.teacher](cfg.trainer.seed, cfg.sft.max_detours)
+        teacher = make_teacher(cfg)
         parts = [trainer.rollout(games[i:i + size], cfg.sft.samples_per_game, SamplingParams(), f"sft{i}", {},
                                   teacher=teacher) for i in range(0, len(games), size)]
         data = Batch.concat(parts)

@@ -28,15 +28,30 @@ def _wrap(action: str, why: str) -> str:
 
 
 class WalkthroughPolicy:
-    """Plays the planner walkthrough stored in the game file (an expert; should win every game)."""
+    """Plays the planner walkthrough stored in the game file (an expert; should win every game).
+
+    With max_detours > 0 it first visits 0..max_detours other receptacles, chosen per episode from a
+    seeded RNG. The planner knows where objects are and an agent does not: detours show the search a
+    real agent needs, with legal moves only, and the walkthrough still wins afterwards because
+    `go to` is admissible from anywhere (the SFT warm start's `explore` teacher).
+    """
+
+    def __init__(self, seed: int = 0, max_detours: int = 0) -> None:
+        self.seed, self.max_detours = seed, max_detours
+        self.plans: dict[str, list[str]] = {}
+
+    def action(self, view: TurnView) -> str:
+        plan = self.plans.get(view.episode_id)
+        if plan is None:
+            walkthrough = list(view.info.get("walkthrough") or [])
+            rng = random.Random(f"{self.seed}-{view.episode_id}")
+            others = sorted(a for a in view.admissible if a.startswith("go to ") and a not in walkthrough)
+            k = rng.randint(0, min(self.max_detours, len(others)))
+            plan = self.plans[view.episode_id] = rng.sample(others, k) + walkthrough
+        return plan[view.step] if view.step < len(plan) else "look"  # past the plan: harmless filler
 
     def act(self, views: list[TurnView]) -> list[PolicyOutput]:
-        outs = []
-        for v in views:
-            plan = v.info.get("walkthrough") or []
-            action = plan[v.step] if v.step < len(plan) else "look"  # past the plan: harmless filler
-            outs.append(PolicyOutput(_wrap(action, "follow the plan")))
-        return outs
+        return [PolicyOutput(_wrap(self.action(v), "follow the plan")) for v in views]
 
 
 class RandomPolicy:
