@@ -153,10 +153,14 @@ class ActorRolloutRefWorker:
             self.rollout.wake_up()
             self._rollout_asleep = False
 
-    def _push_weights(self, version: int) -> None:
-        """Full (unsharded) actor weights -> this rank's rollout engine. A collective (all-gathers).
+    def _gather_full(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) actor weights on every rank. A collective (all-gathers).
         cpu_offload=False: with it, only rank 0 would receive the full dict, and every rank hosts an engine."""
-        sd = get_model_state_dict(self.actor, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        return get_model_state_dict(self.actor, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+
+    def _push_weights(self, version: int) -> None:
+        """Full actor weights -> this rank's rollout engine."""
+        sd = self._gather_full()
         self.version = version
         if self.rollout is not None:
             self._wake_rollout()
@@ -211,8 +215,7 @@ class ActorRolloutRefWorker:
 
     def get_full_state_dict(self) -> dict[str, torch.Tensor]:
         """The actor's full weights on CPU (every rank gets them; a collective)."""
-        sd = get_model_state_dict(self.actor, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+        return {k: v.detach().cpu().clone() for k, v in self._gather_full().items()}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str) -> None:

@@ -111,11 +111,15 @@ class LLMPolicy:
             return PolicyOutput(text="", finish_reason="context_limit")
         return PolicyOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True))
 
+    def trajectory(self, episode_id: str) -> Trajectory:
+        """The episode's token record; an episode whose reset failed (env_error) never reached the
+        policy and gets an empty one (an all-zero row that never counts in the loss)."""
+        return self.trajectories.setdefault(episode_id, Trajectory([]))
+
     def to_batch(self, rows: list[dict]) -> Batch:
         """One row per finished episode. `rows` carry per-episode ids (traj_id, uid, ...) and `reward`."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # an episode whose reset failed (env_error) never reached the policy: an empty row
-        trajs = [self.trajectories.setdefault(r["traj_id"], Trajectory([])) for r in rows]
+        trajs = [self.trajectory(r["traj_id"]) for r in rows]
         P = max(1, max(len(t.prompt_ids) for t in trajs))
         R = max(1, max(len(t.response_ids) for t in trajs))
         n = len(trajs)

@@ -160,14 +160,12 @@ class RayTrainer:
             rows = []
             for eid, _ in episodes:
                 st = stats[eid]
-                traj = policy.trajectories.get(eid)
-                reason = (traj.finish_reason if traj else None) or st.finish_reason
+                reason = policy.trajectory(eid).finish_reason or st.finish_reason
                 rows.append(meta[eid] | {"finish_reason": reason, "won": bool(st.won), "steps": st.steps,
                                          "format_errors": st.format_errors, "invalid_actions": st.invalid_actions,
                                          "reward": episode_reward(st, cfg.env.reward.success,
                                                                   cfg.env.reward.format_penalty)})
-            lengths = np.array([len(t.response_ids) if (t := policy.trajectories.get(eid)) else 0
-                                for eid, _ in episodes])
+            lengths = np.array([len(policy.trajectory(eid).response_ids) for eid, _ in episodes])
             self._shape_rewards(rows, lengths)
             return policy.to_batch(rows)
 

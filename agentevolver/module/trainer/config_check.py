@@ -18,8 +18,8 @@ from agentevolver.module.exp_manager.het_core_algos import (
     KL_PENALTIES,
     REWARD_SHAPING_MODES,
 )
+from agentevolver.workers.rollout import ROLLOUT_ENGINES
 
-ROLLOUT_NAMES = ("hf", "vllm")
 LOGGERS = ("console", "file", "wandb")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "fp32", "bf16")
@@ -74,7 +74,7 @@ def check_values(cfg: DictConfig) -> None:
     _one_of(cfg, "algorithm.dapo.dynamic_sampling.metric", ("acc", "score"))
     _one_of(cfg, "algorithm.dapo.overlong_reward_shaping.mode", REWARD_SHAPING_MODES)
     _number(cfg, "algorithm.dapo.overlong_reward_shaping.buffer_length", minimum=0, integer=True)
-    _one_of(cfg, "actor_rollout_ref.rollout.name", ROLLOUT_NAMES)
+    _one_of(cfg, "actor_rollout_ref.rollout.name", sorted(ROLLOUT_ENGINES))
     _number(cfg, "actor_rollout_ref.rollout.n", minimum=1, integer=True)
     _number(cfg, "actor_rollout_ref.rollout.temperature", minimum=0)
     _number(cfg, "actor_rollout_ref.rollout.response_length", minimum=1, integer=True)
