@@ -32,6 +32,8 @@ def run_sft(cfg: DictConfig) -> dict:
     from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
 
     cfg.actor_rollout_ref.actor.optim.lr = cfg.sft.lr
+    if cfg.sft.ppo_mini_batch_size is not None:
+        cfg.actor_rollout_ref.actor.ppo_mini_batch_size = cfg.sft.ppo_mini_batch_size
     cfg.algorithm.dapo.overlong_reward_shaping.enable = False
     validated(cfg)
     trainer = RayTrainer(cfg)

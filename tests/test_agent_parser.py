@@ -74,3 +74,16 @@ def test_episode_reward():
     assert episode_reward(EpisodeStats(won=True, format_errors=2), success=10.0, format_penalty=0.5) == 9.0
     assert episode_reward(EpisodeStats(won=False)) == 0.0
     assert episode_reward(EpisodeStats(won=False, format_errors=3), format_penalty=0.1) == pytest.approx(-0.3)
+
+
+def test_nearest_admissible_snaps_near_misses_only():
+    from agentevolver.alfworld.agent import nearest_admissible
+
+    admissible = ["examine armchair 1", "go to sofa 1", "take pillow 2 from armchair 1", "look"]
+    # a memorised object name in the right command: 5 of 6 words agree
+    assert nearest_admissible("take creditcard 2 from armchair 1", admissible) == "take pillow 2 from armchair 1"
+    assert nearest_admissible("go to sofa 2", admissible) == "go to sofa 1"
+    assert nearest_admissible("Go to SOFA 1.", admissible) == "go to sofa 1"
+    assert nearest_admissible("fly to the moon", admissible) is None  # nothing similar enough
+    assert nearest_admissible(None, admissible) is None
+    assert nearest_admissible("look", []) is None

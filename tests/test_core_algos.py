@@ -14,6 +14,7 @@ from agentevolver.module.exp_manager.het_core_algos import (
     REWARD_SHAPING_MODES,
     agg_loss,
     apply_reward_shaping,
+    compute_episode_advantage,
     compute_grpo_outcome_advantage,
     count_tokens_and_seqs,
     dapo_compute_policy_loss,
@@ -294,6 +295,20 @@ def test_grpo_known_example():
     torch.testing.assert_close(adv_raw, torch.tensor(raw)[:, None] * mask, **TOL)
     rloo, _ = get_adv_estimator("rloo")(rewards, mask, index)
     torch.testing.assert_close(rloo[:, 0] * (mask[:, 0] > 0), torch.tensor([1 - 2.0, 0, 0 - 2.5, 0, 4 - 0.5, 0]), **TOL)
+
+
+def test_episode_advantage_counts_each_episode_once():
+    # step mode: group g = episodes e1 (won, 1 turn) and e2 (lost, 3 turns); e3 alone in group h
+    episode = ["e1", "e2", "e2", "e2", "e3"]
+    is_last = [True, False, False, True, True]
+    scores = [1.0, 0.0, 0.0, 0.0, 1.0]
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.float32)
+    adv = compute_episode_advantage("grpo", scores, ["g", "g", "g", "g", "h"], episode, is_last, mask)
+    a = (1 - 0.5) / (math.sqrt(0.5) + 1e-6)  # unbiased std of {1, 0}: per episode, not per row
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, -a, 0.0])[:, None] * mask, **TOL)
+    # row-level GRPO would weigh e2 three times: mean 0.25 instead of 0.5
+    row_adv, _ = compute_grpo_outcome_advantage(torch.tensor(scores)[:, None], torch.ones(5, 1), ["g"] * 4 + ["h"])
+    assert abs(row_adv[0, 0].item() - a) > 0.1
 
 
 def test_grpo_degenerate_groups_are_exactly_zero():

@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: the real entry point, Ray, env pool, FSDP2 on 2 gloo ranks, HF rollout.
 
-Generated games + the project's tiny model; every run is small (2 tasks × n=4, 4 env steps).
+Generated games + the project's tiny model; every run is small (2 tasks × n=4, 4 env steps). Runs use
+the recipe's step mode except the env-kill run, which trains in trajectory mode.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.slow
 REQUIRED_KEYS = [
     "step", "train/success_rate", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
     "actor/grad_norm", "rollout/probs_diff_mean", "response_length/mean", "episode/num_turns_mean",
-    "episode/format_errors_mean", "episode/invalid_actions_mean", "dynamic_sampling/kept_groups",
+    "episode/format_errors_mean", "episode/invalid_actions_mean", "episode/projected_actions_mean",
+    "dynamic_sampling/kept_groups",
     "dynamic_sampling/num_gen_batches", "timing/step", "timing/gen", "timing/env", "timing/old_log_prob", "timing/ref",
     "timing/update_actor", "timing/sync_weights", "perf/tokens_per_s",
 ]
@@ -141,7 +143,9 @@ def test_env_actor_killed_mid_rollout(tiny_model_dir, gen_data, tmp_path):
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("alfworld_dapo_tiny", overrides=small_overrides(tiny_model_dir, gen_data, tmp_path) + [
             "trainer.total_training_steps=1", "trainer.val_before_train=false", "trainer.test_freq=0",
-            "trainer.save_freq=0", "trainer.export_hf=false", "env.pool.num_workers=2", "env.max_steps=6"])
+            "trainer.save_freq=0", "trainer.export_hf=false", "env.pool.num_workers=2", "env.max_steps=6",
+            # the recipe trains in step mode; this run covers trajectory mode end to end
+            "env.rollout_mode=trajectory", "env.history_window=null", "env.action_projection=exact"])
     trainer = RayTrainer(validated(cfg))
     killed = threading.Event()
 

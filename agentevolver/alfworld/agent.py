@@ -6,6 +6,7 @@ episodes; all active envs are then stepped in ONE batched pool call. Token bookk
 """
 from __future__ import annotations
 
+import difflib
 import re
 import time
 import unicodedata
@@ -15,6 +16,8 @@ from typing import Any, Protocol
 
 from agentevolver.alfworld.data import GameSpec
 
+ACTION_PROJECTIONS = ("exact", "nearest")
+NEAREST_MIN_SIMILARITY = 0.5  # word-level similarity below which an action stays invalid
 FINISH_REASONS = ("won", "max_steps", "context_limit", "env_error", "format_error", "env_done")
 FORMAT_ERROR_OBSERVATION = (
     "Invalid response format. Think inside <think>...</think>, then give exactly one admissible "
@@ -132,6 +135,19 @@ def match_admissible(action: str | None, admissible: Sequence[str]) -> str | Non
     return None
 
 
+def nearest_admissible(action: str | None, admissible: Sequence[str],
+                       min_similarity: float = NEAREST_MIN_SIMILARITY) -> str | None:
+    """The admissible command most similar to `action` word by word (difflib ratio over word lists,
+    first best on ties), or None below `min_similarity`. E.g. 'take creditcard 2 from armchair 1'
+    -> 'take pillow 2 from armchair 1' (5 of 6 words agree); 'go to sofa 1' never becomes a take."""
+    if action is None or not admissible:
+        return None
+    words = _norm(action).split()
+    scores = [difflib.SequenceMatcher(None, words, _norm(c).split()).ratio() for c in admissible]
+    best = max(range(len(admissible)), key=scores.__getitem__)
+    return admissible[best] if scores[best] >= min_similarity else None
+
+
 @dataclass
 class EpisodeStats:
     """Outcome of one episode. steps = agent turns (format-error turns included)."""
@@ -140,6 +156,7 @@ class EpisodeStats:
     steps: int = 0
     format_errors: int = 0
     invalid_actions: int = 0
+    projected_actions: int = 0  # non-admissible actions replaced by the nearest admissible one
     finish_reason: str = ""
     task_type: str = ""
     task_id: str = ""
@@ -192,6 +209,7 @@ def run_episodes(
     max_steps: int = 30,
     max_format_errors: int | None = None,
     timing: dict[str, float] | None = None,
+    projection: str = "exact",
 ) -> dict[str, EpisodeStats]:
     """Play episodes to the end: won / max_steps / context_limit / env_error (/ format_error).
 
@@ -199,7 +217,11 @@ def run_episodes(
     error and the env is NOT stepped (the agent sees FORMAT_ERROR_OBSERVATION); a parsed action that
     is not admissible counts as invalid and IS stepped (the engine answers "Nothing happens."). Then
     all stepped envs go in one `pool.step`. `timing["env"]` accumulates seconds spent in pool calls.
+    projection="nearest": a parsed action that is not admissible is replaced by `nearest_admissible`
+    (counted in projected_actions; it stays invalid when nothing is similar enough).
     """
+    if projection not in ACTION_PROJECTIONS:
+        raise ValueError(f"unknown action projection {projection!r}; valid: {', '.join(ACTION_PROJECTIONS)}")
     timing = timing if timing is not None else {}
     timing.setdefault("env", 0.0)
     specs = dict(episodes)
@@ -243,6 +265,9 @@ def run_episodes(
                     done[eid] = ep.stats
                 continue
             command = match_admissible(action, ep.view.admissible)
+            if command is None and projection == "nearest":
+                command = nearest_admissible(action, ep.view.admissible)
+                ep.stats.projected_actions += command is not None
             if command is None:
                 ep.stats.invalid_actions += 1
                 command = action

@@ -1,10 +1,15 @@
-"""The LLM as an ALFWorld policy: token-in / token-out bookkeeping for multi-turn trajectories.
+"""The LLM as an ALFWorld policy: token-in / token-out bookkeeping for multi-turn episodes.
 
-In `trajectory` mode one episode is ONE token sequence: the chat-templated first prompt, then for
-every turn the model's response tokens (response_mask = 1, exactly the ids the rollout engine
-returned — never re-tokenised text) followed by the next observation turn (response_mask = 0).
-Each turn's prompt is therefore a prefix-extension of the last one, and the actor recomputes
-log-probs on exactly the tokens that were sampled.
+Two rollout modes (`env.rollout_mode`):
+- `trajectory`: one episode is ONE token sequence: the chat-templated first prompt, then for every
+  turn the model's response tokens (response_mask = 1, exactly the ids the rollout engine returned —
+  never re-tokenised text) followed by the next observation turn (response_mask = 0). Each turn's
+  prompt is a prefix-extension of the last one.
+- `step` (verl-agent style): every turn is its own row: a fresh prompt (task, the last
+  `history_window` (observation, action) pairs, the current observation and admissible actions) and
+  that turn's response. Prompts stay short however long the episode, which is what lets a small
+  model act on the current observation; all rows of an episode share its id and reward.
+Either way the actor recomputes log-probs on exactly the tokens that were sampled.
 """
 from __future__ import annotations
 
@@ -18,9 +23,14 @@ from agentevolver.alfworld.agent import PolicyOutput, TurnView, build_messages, 
 from agentevolver.protocol import Batch
 from agentevolver.workers.rollout.base import GenOutput, SamplingParams
 
+ROLLOUT_MODES = ("trajectory", "step")
+
 
 @dataclass
 class Trajectory:
+    """One training row's tokens (trajectory mode: the episode; step mode: one turn) and, on the
+    episode's record, its turn count, oldest policy version and policy-side finish reason."""
+
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
     response_mask: list[int] = field(default_factory=list)
@@ -39,7 +49,10 @@ class LLMPolicy:
     """`agentevolver.alfworld.agent.Policy` backed by the rollout workers."""
 
     def __init__(self, tokenizer, generate_fn, sampling: SamplingParams, max_prompt_length: int,
-                 max_response_length: int, wording: str = "move", teacher=None) -> None:
+                 max_response_length: int, wording: str = "move", teacher=None, mode: str = "trajectory",
+                 history_window: int | None = None) -> None:
+        if mode not in ROLLOUT_MODES:
+            raise ValueError(f"unknown rollout mode {mode!r}; valid: {', '.join(ROLLOUT_MODES)}")
         self.tokenizer = tokenizer
         self.generate_fn = generate_fn  # (prompts: list[list[int]], SamplingParams) -> list[list[GenOutput]]
         # teacher(view) -> response text: teacher forcing (SFT warm start on planner walkthroughs) through
@@ -47,9 +60,13 @@ class LLMPolicy:
         self.teacher = teacher
         self.sampling = sampling
         self.max_prompt_length = max_prompt_length
+        # trajectory mode: budget of everything after the first prompt; step mode: of one turn's response
         self.max_response_length = max_response_length
         self.wording = wording
-        self.trajectories: dict[str, Trajectory] = {}
+        self.mode = mode
+        self.history_window = history_window
+        self.trajectories: dict[str, Trajectory] = {}  # per episode
+        self.turns: dict[str, list[Trajectory]] = {}  # step mode: the episode's rows, one per turn
         self.timing_gen_s = 0.0
         self._calls = 0
         # Text the chat template puts between the end of an assistant turn and the next user turn.
@@ -58,34 +75,53 @@ class LLMPolicy:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _first_prompt(self, view: TurnView) -> list[int]:
-        messages = build_messages(view.task, view.observation, view.admissible, history=[],
-                                  history_window=None, wording=self.wording)
+    def _prompt(self, view: TurnView, history: list[tuple[str, str]], window: int | None) -> list[int]:
+        messages = build_messages(view.task, view.observation, view.admissible, history=history,
+                                  history_window=window, wording=self.wording)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self._encode(text)
+
+    def _open_row(self, view: TurnView) -> Trajectory:
+        """The row this turn's response goes into (its prompt added); finish_reason set if it cannot."""
+        eid = view.episode_id
+        episode = self.trajectories.get(eid)
+        if self.mode == "step":
+            episode = self.trajectories.setdefault(eid, Trajectory([]))
+            prompt = self._prompt(view, view.history, self.history_window)
+            if len(prompt) > self.max_prompt_length:
+                episode.finish_reason = "context_limit" if episode.num_turns else "prompt_too_long"
+            self.turns.setdefault(eid, []).append(Trajectory(prompt))
+            return episode
+        if episode is None:
+            episode = self.trajectories[eid] = Trajectory(self._prompt(view, [], None))
+            if len(episode.prompt_ids) > self.max_prompt_length:
+                episode.finish_reason = "prompt_too_long"
+        else:
+            turn = self._turn_prefix + format_observation_turn(view.observation, view.admissible) + self._turn_suffix
+            episode.extend(self._encode(turn), mask=0)
+        if episode.finish_reason is None and len(episode.response_ids) >= self.max_response_length:
+            episode.finish_reason = "context_limit"
+        return episode
+
+    def _row(self, episode_id: str) -> Trajectory:
+        return self.turns[episode_id][-1] if self.mode == "step" else self.trajectories[episode_id]
 
     def act(self, views: list[TurnView]) -> list[PolicyOutput]:
         outputs: dict[str, PolicyOutput] = {}
         prompts, active = [], []
         for view in views:
-            traj = self.trajectories.get(view.episode_id)
-            if traj is None:
-                traj = self.trajectories[view.episode_id] = Trajectory(self._first_prompt(view))
-                if len(traj.prompt_ids) > self.max_prompt_length:
-                    traj.finish_reason = "prompt_too_long"
-            else:
-                turn = self._turn_prefix + format_observation_turn(view.observation, view.admissible) + self._turn_suffix
-                traj.extend(self._encode(turn), mask=0)
-            if traj.finish_reason is None and len(traj.response_ids) >= self.max_response_length:
-                traj.finish_reason = "context_limit"
-            if traj.finish_reason is not None:
-                outputs[view.episode_id] = PolicyOutput(text="", finish_reason=traj.finish_reason)
+            episode = self._open_row(view)
+            if episode.finish_reason is not None:
+                if self.mode == "step":
+                    self.turns[view.episode_id].pop()  # the turn never happened
+                outputs[view.episode_id] = PolicyOutput(text="", finish_reason=episode.finish_reason)
                 continue
             if self.teacher is not None:
                 ids = self._encode(self.teacher(view)) + [self.tokenizer.eos_token_id]
                 outputs[view.episode_id] = self._take(view.episode_id, GenOutput(ids, [0.0] * len(ids), "stop", 0))
                 continue
-            prompts.append(traj.prompt_ids + traj.response_ids)
+            row = self._row(view.episode_id)
+            prompts.append(row.prompt_ids + row.response_ids)
             active.append(view.episode_id)
         if prompts:
             params = SamplingParams(**{**self.sampling.__dict__,
@@ -99,30 +135,50 @@ class LLMPolicy:
         return [outputs[v.episode_id] for v in views]
 
     def _take(self, episode_id: str, out) -> PolicyOutput:
-        traj = self.trajectories[episode_id]
-        room = self.max_response_length - len(traj.response_ids)
+        episode, row = self.trajectories[episode_id], self._row(episode_id)
+        room = self.max_response_length - len(row.response_ids)
         ids, log_probs = out.token_ids[:room], out.log_probs[:room]
-        traj.extend(ids, mask=1, log_probs=log_probs)
-        traj.num_turns += 1
-        traj.policy_version = out.policy_version if traj.policy_version < 0 else min(traj.policy_version,
-                                                                                      out.policy_version)
-        if len(ids) < len(out.token_ids):  # the whole-trajectory budget ran out inside this turn
-            traj.finish_reason = "context_limit"
+        row.extend(ids, mask=1, log_probs=log_probs)
+        episode.num_turns += 1
+        episode.policy_version = out.policy_version if episode.policy_version < 0 else min(
+            episode.policy_version, out.policy_version)
+        if len(ids) < len(out.token_ids):  # the response budget ran out inside this turn
+            episode.finish_reason = "context_limit"
             return PolicyOutput(text="", finish_reason="context_limit")
         return PolicyOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def trajectory(self, episode_id: str) -> Trajectory:
-        """The episode's token record; an episode whose reset failed (env_error) never reached the
-        policy and gets an empty one (an all-zero row that never counts in the loss)."""
+        """The episode's record; an episode whose reset failed (env_error) never reached the policy and
+        gets an empty one (an all-zero row that never counts in the loss)."""
         return self.trajectories.setdefault(episode_id, Trajectory([]))
 
-    def to_batch(self, rows: list[dict]) -> Batch:
-        """One row per finished episode. `rows` carry per-episode ids (traj_id, uid, ...) and `reward`."""
+    def rows_of(self, episode_id: str) -> list[Trajectory]:
+        """The episode's training rows: its trajectory, or its turns (at least one row per episode)."""
+        if self.mode == "step":
+            return self.turns.get(episode_id) or [Trajectory([])]
+        return [self.trajectory(episode_id)]
+
+    def response_length(self, episode_id: str) -> int:
+        """Tokens measured against data.max_response_length (overlong shaping): the whole trajectory
+        after its prompt, or in step mode the longest turn's response."""
+        return max(len(t.response_ids) for t in self.rows_of(episode_id))
+
+    def to_batch(self, episodes: list[dict]) -> Batch:
+        """Rows of the finished episodes. `episodes` carry per-episode ids (traj_id, uid, ...) and
+        `reward`; every row gets `episode_id`, `turn` and `is_last` (one is_last row per episode)."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        trajs = [self.trajectory(r["traj_id"]) for r in rows]
-        P = max(1, max(len(t.prompt_ids) for t in trajs))
-        R = max(1, max(len(t.response_ids) for t in trajs))
-        n = len(trajs)
+        seqs, rows = [], []
+        for ep in episodes:
+            eid, record = ep["traj_id"], self.trajectory(ep["traj_id"])
+            parts = self.rows_of(eid)
+            for k, t in enumerate(parts):
+                seqs.append(t)
+                rows.append(ep | {"traj_id": f"{eid}/t{k}" if self.mode == "step" else eid, "episode_id": eid,
+                                  "turn": k, "is_last": k == len(parts) - 1, "num_turns": record.num_turns,
+                                  "policy_version": record.policy_version})
+        P = max(1, max(len(t.prompt_ids) for t in seqs))
+        R = max(1, max(len(t.response_ids) for t in seqs))
+        n = len(seqs)
         prompts = torch.full((n, P), pad, dtype=torch.long)
         prompt_attn = torch.zeros((n, P), dtype=torch.long)
         responses = torch.full((n, R), pad, dtype=torch.long)
@@ -130,7 +186,7 @@ class LLMPolicy:
         resp_mask = torch.zeros((n, R), dtype=torch.float32)
         log_probs = torch.zeros((n, R), dtype=torch.float32)
         rewards = torch.zeros((n, R), dtype=torch.float32)
-        for i, (t, row) in enumerate(zip(trajs, rows)):
+        for i, (t, row) in enumerate(zip(seqs, rows)):
             p, r = len(t.prompt_ids), len(t.response_ids)
             if p:
                 prompts[i, P - p:] = torch.tensor(t.prompt_ids)
@@ -141,11 +197,9 @@ class LLMPolicy:
                 resp_mask[i, :r] = torch.tensor(t.response_mask, dtype=torch.float32)
                 log_probs[i, :r] = torch.tensor(t.log_probs)
             model_positions = resp_mask[i].nonzero()
-            if len(model_positions):  # the episode reward sits on the last model-generated token
+            if len(model_positions):  # the episode reward sits on the row's last model-generated token
                 rewards[i, model_positions[-1, 0]] = row["reward"]
         ids = {k: np.array([row[k] for row in rows]) for k in rows[0] if k != "reward"}
-        ids["num_turns"] = np.array([t.num_turns for t in trajs])
-        ids["policy_version"] = np.array([t.policy_version for t in trajs])
         ids["score"] = np.array([row["reward"] for row in rows], dtype=np.float32)
         tensors = {"prompts": prompts, "prompt_attention_mask": prompt_attn, "responses": responses,
                    "response_attention_mask": resp_attn, "response_mask": resp_mask,

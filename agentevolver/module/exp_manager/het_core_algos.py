@@ -311,6 +311,23 @@ ADV_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
 GROUP_ESTIMATORS: tuple[str, ...] = ("grpo", "rloo")  # need rollout.n >= 2: a lone row has no baseline
 
 
+def compute_episode_advantage(estimator: str, scores: ArrayLike, index: Sequence[Hashable] | np.ndarray,
+                              episode_ids: Sequence[Hashable] | np.ndarray, is_last: ArrayLike,
+                              response_mask: torch.Tensor, norm_adv_by_std_in_grpo: bool = True) -> torch.Tensor:
+    """Step mode (one row per turn): the outcome advantage of each EPISODE, from its is_last row's score
+    and the group `index` of those rows (each episode counts once in its group's baseline, however many
+    turns it took), broadcast to every row of the episode: A_row = A_episode(row) · mask_row."""
+    last = np.asarray(is_last, dtype=bool)
+    ep_scores = torch.as_tensor(np.asarray(scores, dtype=np.float32)[last]).unsqueeze(-1)
+    ep_adv, _ = get_adv_estimator(estimator)(token_level_rewards=ep_scores, response_mask=torch.ones_like(ep_scores),
+                                             index=np.asarray(index)[last],
+                                             norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo)
+    episodes = np.asarray(episode_ids)
+    by_episode = dict(zip(episodes[last].tolist(), ep_adv[:, 0].tolist()))
+    per_row = torch.tensor([by_episode[e] for e in episodes.tolist()], dtype=torch.float32)
+    return per_row.unsqueeze(-1) * response_mask.to(torch.float32)
+
+
 def get_adv_estimator(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The advantage function registered under `name`."""
     if name not in ADV_ESTIMATORS:

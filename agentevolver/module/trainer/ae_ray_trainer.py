@@ -146,7 +146,8 @@ class RayTrainer:
         """Play every game n times; one Batch row per episode, rewards shaped, ids attached."""
         cfg = self.cfg
         policy = LLMPolicy(self.tokenizer, self.workers.generate, sampling, cfg.data.max_prompt_length,
-                           cfg.data.max_response_length, wording=self.wording, teacher=teacher)
+                           cfg.data.max_response_length, wording=self.wording, teacher=teacher,
+                           mode=cfg.env.rollout_mode, history_window=cfg.env.history_window)
         episodes, meta = [], {}
         for i, game in enumerate(games):
             for j in range(n):
@@ -154,7 +155,8 @@ class RayTrainer:
                 episodes.append((eid, game))
                 meta[eid] = {"traj_id": eid, "uid": f"{tag}-{i}", "task_id": game.task_id,
                              "task_type": game.task_type}
-        stats = run_episodes(self.pool, episodes, policy, max_steps=cfg.env.max_steps, timing=timings)
+        stats = run_episodes(self.pool, episodes, policy, max_steps=cfg.env.max_steps, timing=timings,
+                             projection=cfg.env.action_projection)
         timings["gen"] = timings.get("gen", 0.0) + policy.timing_gen_s
         with timer("reward", timings):
             rows = []
@@ -163,9 +165,10 @@ class RayTrainer:
                 reason = policy.trajectory(eid).finish_reason or st.finish_reason
                 rows.append(meta[eid] | {"finish_reason": reason, "won": bool(st.won), "steps": st.steps,
                                          "format_errors": st.format_errors, "invalid_actions": st.invalid_actions,
+                                         "projected_actions": st.projected_actions,
                                          "reward": episode_reward(st, cfg.env.reward.success,
                                                                   cfg.env.reward.format_penalty)})
-            lengths = np.array([len(policy.trajectory(eid).response_ids) for eid, _ in episodes])
+            lengths = np.array([policy.response_length(eid) for eid, _ in episodes])
             self._shape_rewards(rows, lengths)
             return policy.to_batch(rows)
 
@@ -229,6 +232,11 @@ class RayTrainer:
 
     def _compute_advantage(self, batch: Batch) -> Batch:
         cfg = self.cfg.algorithm
+        if self.cfg.env.rollout_mode == "step":  # episode-level advantages (config_check: no KL in reward)
+            adv = algos.compute_episode_advantage(cfg.adv_estimator, batch.ids["score"], batch.ids["uid"],
+                                                  batch.ids["episode_id"], batch.ids["is_last"],
+                                                  batch["response_mask"], cfg.norm_adv_by_std_in_grpo)
+            return Batch(batch.tensors | {"advantages": adv, "returns": adv}, batch.ids, batch.meta)
         rewards = batch["token_level_rewards"]
         if cfg.use_kl_in_reward:
             kl = algos.kl_penalty(batch["old_log_probs"], batch["ref_log_prob"], cfg.kl_penalty)
@@ -308,21 +316,24 @@ class RayTrainer:
 
 
 def episode_metrics(batch: Batch) -> dict[str, float]:
-    """Success rates (overall and per task type) and episode statistics of a rollout batch."""
+    """Success rates (overall and per task type) and episode statistics of a rollout batch: one
+    count per episode (its is_last row); response lengths per training row."""
     if not len(batch):
         return {}
+    model_tokens = batch["response_mask"].sum(-1).float()
+    batch = batch.select(batch.ids["is_last"].astype(bool))
     won = batch.ids["won"].astype(float)
     out = {"success_rate": float(won.mean())}
     per_type = defaultdict(list)
     for t, w in zip(batch.ids["task_type"].tolist(), won.tolist()):
         per_type[t].append(w)
     out |= {f"success_rate/{t}": float(np.mean(v)) for t, v in sorted(per_type.items())}
-    model_tokens = batch["response_mask"].sum(-1).float()
     out["response_length/mean"] = model_tokens.mean().item()
     out["response_length/max"] = model_tokens.max().item()
     out["episode/num_turns_mean"] = float(batch.ids["num_turns"].mean())
     out["episode/format_errors_mean"] = float(batch.ids["format_errors"].mean())
     out["episode/invalid_actions_mean"] = float(batch.ids["invalid_actions"].mean())
+    out["episode/projected_actions_mean"] = float(batch.ids["projected_actions"].mean())
     out["episode/score_mean"] = float(batch.ids["score"].mean())
     for reason in sorted(set(batch.ids["finish_reason"].tolist())):
         out[f"episode/finish_reason/{reason}"] = float((batch.ids["finish_reason"] == reason).mean())

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from agentevolver.alfworld.agent import ACTION_PROJECTIONS
+from agentevolver.module.agent_flow.llm_policy import ROLLOUT_MODES
 from agentevolver.module.exp_manager.het_core_algos import (
     ADV_ESTIMATORS,
     AGG_LOSS_MODES,
@@ -23,7 +25,6 @@ from agentevolver.workers.rollout import ROLLOUT_ENGINES
 LOGGERS = ("console", "file", "wandb")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "fp32", "bf16")
-ROLLOUT_MODES = ("trajectory",)
 
 
 class ConfigError(ValueError):
@@ -88,7 +89,7 @@ def check_values(cfg: DictConfig) -> None:
                 "trainer.nnodes", "trainer.n_gpus_per_node", "env.pool.num_workers"):
         _number(cfg, key, minimum=1, integer=True)
     rows = cfg.data.train_batch_size * rollout.n
-    if rows % actor.ppo_mini_batch_size:
+    if cfg.env.rollout_mode == "trajectory" and rows % actor.ppo_mini_batch_size:  # step mode: rows vary
         _fail("actor_rollout_ref.actor.ppo_mini_batch_size", actor.ppo_mini_batch_size,
               f"data.train_batch_size × rollout.n = {rows} rows must divide by it "
               f"(valid: a divisor of {rows})")
@@ -99,11 +100,17 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.env.rollout_mode == "trajectory" and cfg.env.history_window is not None:
         _fail("env.history_window", cfg.env.history_window,
               "trajectory mode keeps the full history in one token sequence: use null")
+    _number(cfg, "env.history_window", minimum=0, integer=True, optional=True)
+    _one_of(cfg, "env.action_projection", ACTION_PROJECTIONS)
+    if cfg.env.rollout_mode == "step" and cfg.algorithm.use_kl_in_reward:
+        _fail("algorithm.use_kl_in_reward", True, "step mode has episode-level advantages: use "
+              "actor_rollout_ref.actor.use_kl_loss=true for a KL term instead")
     _number(cfg, "sft.epochs", minimum=1, integer=True)
     _number(cfg, "sft.lr", above=0)
     _one_of(cfg, "sft.teacher", ("walkthrough", "explore"))
     _number(cfg, "sft.max_detours", minimum=0, integer=True)
     _number(cfg, "sft.samples_per_game", minimum=1, integer=True)
+    _number(cfg, "sft.ppo_mini_batch_size", minimum=1, integer=True, optional=True)
     _one_of(cfg, "trainer.device", DEVICES)
     loggers = cfg.trainer.logger
     loggers = list(loggers) if isinstance(loggers, (list, ListConfig)) else [loggers]

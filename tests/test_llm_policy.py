@@ -1,0 +1,83 @@
+"""LLMPolicy token bookkeeping in both rollout modes, on the project's tiny tokenizer.
+
+The generate function is a deterministic stand-in for the rollout engine (the engine has its own
+tests); what is under test is the policy: prompts, rows, masks, log-probs, ids and rewards.
+"""
+from __future__ import annotations
+
+import pytest
+
+from agentevolver.alfworld.agent import TurnView, build_messages
+from agentevolver.module.agent_flow.llm_policy import LLMPolicy
+from agentevolver.workers.rollout.base import GenOutput, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def make_policy(tokenizer, mode: str, window=None, max_prompt_length: int = 4096):
+    calls = []
+
+    def generate(prompts, params):
+        calls.append([list(p) for p in prompts])
+        ids = tokenizer.encode("<action>look</action>", add_special_tokens=False) + [tokenizer.eos_token_id]
+        return [[GenOutput(ids, [-0.5] * len(ids), "stop", 3)] for _ in prompts]
+
+    policy = LLMPolicy(tokenizer, generate, SamplingParams(max_tokens=16), max_prompt_length, 2048,
+                       mode=mode, history_window=window)
+    return policy, calls
+
+
+def play(policy, turns: int) -> None:
+    """Two episodes; episode b ends one turn early. Histories grow as run_episodes grows them."""
+    history = {"a": [], "b": []}
+    for t in range(turns):
+        views = [TurnView(eid, "put a cd in desk.", f"obs {eid} {t}", ["look", "go to desk 1"], list(history[eid]),
+                          t, {}) for eid in ("a", "b") if not (eid == "b" and t == turns - 1)]
+        for view, out in zip(views, policy.act(views)):
+            assert out.text == "<action>look</action>" or out.text == "look"
+            history[view.episode_id].append((view.observation, "look"))
+
+
+def test_step_mode_rows_per_turn_with_windowed_prompts(tokenizer):
+    policy, calls = make_policy(tokenizer, "step", window=1)
+    play(policy, 3)
+    # each turn's prompt is built fresh: task + last 1 (observation, action) pair + current observation
+    views_a2 = build_messages("put a cd in desk.", "obs a 2", ["look", "go to desk 1"],
+                              [("obs a 0", "look"), ("obs a 1", "look")], history_window=1)
+    expected = tokenizer.encode(tokenizer.apply_chat_template(views_a2, add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False)
+    assert calls[2][0] == expected
+    batch = policy.to_batch([{"traj_id": "a", "uid": "g", "reward": 1.0}, {"traj_id": "b", "uid": "g", "reward": 0.0}])
+    assert batch.ids["traj_id"].tolist() == ["a/t0", "a/t1", "a/t2", "b/t0", "b/t1"]
+    assert batch.ids["episode_id"].tolist() == ["a", "a", "a", "b", "b"]
+    assert batch.ids["is_last"].tolist() == [False, False, True, False, True]
+    assert batch.ids["num_turns"].tolist() == [3, 3, 3, 2, 2]
+    action_len = len(tokenizer.encode("<action>look</action>", add_special_tokens=False)) + 1
+    assert batch["response_mask"].sum(-1).tolist() == [action_len] * 5  # only model tokens, every row
+    # every row carries its episode's reward on its last model token; log-probs are the engine's
+    assert batch["token_level_rewards"].sum(-1).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert batch["rollout_log_probs"][0, :action_len].tolist() == [-0.5] * action_len
+    assert policy.response_length("a") == action_len
+
+
+def test_trajectory_mode_one_row_per_episode(tokenizer):
+    policy, calls = make_policy(tokenizer, "trajectory")
+    play(policy, 3)
+    assert calls[1][0][:len(calls[0][0])] == calls[0][0]  # each prompt extends the previous one
+    batch = policy.to_batch([{"traj_id": "a", "uid": "g", "reward": 1.0}, {"traj_id": "b", "uid": "g", "reward": 0.0}])
+    assert batch.ids["traj_id"].tolist() == ["a", "b"] and batch.ids["is_last"].tolist() == [True, True]
+    action_len = len(tokenizer.encode("<action>look</action>", add_special_tokens=False)) + 1
+    assert batch["response_mask"].sum(-1).tolist() == [3 * action_len, 2 * action_len]
+
+
+def test_step_mode_prompt_over_budget_ends_the_episode(tokenizer):
+    policy, calls = make_policy(tokenizer, "step", window=None, max_prompt_length=10)
+    out = policy.act([TurnView("a", "task", "obs", ["look"], [], 0, {})])
+    assert out[0].finish_reason == "prompt_too_long" and calls == []
+    batch = policy.to_batch([{"traj_id": "a", "uid": "g", "reward": 0.0}])
+    assert len(batch) == 1 and batch["response_mask"].sum() == 0  # one empty row: counted, never trained on
