@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distractors", default="0", help="N or LO,HI distractor objects per game")
     ap.add_argument("--closed-fraction", type=float, default=0.0)
     ap.add_argument("--sft-epochs", type=int, default=None, help="default: the config's sft.epochs")
-    ap.add_argument("--steps", type=int, default=16, help="DAPO steps")
-    ap.add_argument("--test-freq", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20, help="DAPO steps")
+    ap.add_argument("--test-freq", type=int, default=5)
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the DAPO run")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "gain": after["val/success_rate"] - before["val/success_rate"],
         "warm_start_per_task_type": per_type(before, "val/success_rate"),
         "dapo_per_task_type": per_type(after, "val/success_rate"),
+        "heldout_curve": [[r["step"], r["val/success_rate"]] for r in val_rows],  # every evaluation, not a pick
         "steps": max(r["step"] for r in rows),
         "heldout_games": args.heldout_games,
         "train_games": args.train_games,
