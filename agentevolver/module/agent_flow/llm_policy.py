@@ -84,7 +84,6 @@ class LLMPolicy:
     def _open_row(self, view: TurnView) -> Trajectory:
         """The row this turn's response goes into (its prompt added); finish_reason set if it cannot."""
         eid = view.episode_id
-        episode = self.trajectories.get(eid)
         if self.mode == "step":
             episode = self.trajectories.setdefault(eid, Trajectory([]))
             prompt = self._prompt(view, view.history, self.history_window)
@@ -92,6 +91,7 @@ class LLMPolicy:
                 episode.finish_reason = "context_limit" if episode.num_turns else "prompt_too_long"
             self.turns.setdefault(eid, []).append(Trajectory(prompt))
             return episode
+        episode = self.trajectories.get(eid)
         if episode is None:
             episode = self.trajectories[eid] = Trajectory(self._prompt(view, [], None))
             if len(episode.prompt_ids) > self.max_prompt_length:
