@@ -24,8 +24,8 @@ def test_counts_per_split(shared_alfworld):
     seen = list_games(shared_alfworld, "valid_seen")
     train = list_games(shared_alfworld / "json_2.1.1", "valid_train")  # json_2.1.1 itself is accepted
     assert len(seen) == 140 and len(train) == 200
-    assert count_by_task_type(seen) == VALID_SEEN
-    assert count_by_task_type(train) == VALID_TRAIN
+    assert count_by_task_type(g.task_type for g in seen) == VALID_SEEN
+    assert count_by_task_type(g.task_type for g in train) == VALID_TRAIN
     assert [g.game_dir for g in seen] == sorted(g.game_dir for g in seen)  # fixed order
     assert len({g.task_id for g in seen}) == 140
     g = seen[0]

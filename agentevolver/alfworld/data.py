@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,12 @@ class GameSpec:
     @property
     def game_file(self) -> str:
         return os.path.join(self.game_dir, GAME_FILE)
+
+
+def game_file_of(game: str | os.PathLike) -> str:
+    """Accept a game folder or its game.tw-pddl path."""
+    path = Path(game)
+    return str(path if path.name == GAME_FILE else path / GAME_FILE)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -160,9 +167,7 @@ def detect_command_wording(games: Sequence[GameSpec | str | os.PathLike]) -> str
     Read from the put-action template in the grammar stored in the first game file(s).
     """
     for game in games[:5]:
-        game_file = game.game_file if isinstance(game, GameSpec) else str(game)
-        if os.path.isdir(game_file):
-            game_file = os.path.join(game_file, GAME_FILE)
+        game_file = game.game_file if isinstance(game, GameSpec) else game_file_of(game)
         with open(game_file) as f:
             data = json.load(f)
         match = _PUT_TEMPLATE.search(data.get("grammar", ""))
@@ -174,11 +179,10 @@ def detect_command_wording(games: Sequence[GameSpec | str | os.PathLike]) -> str
     raise AlfworldDataError("cannot detect the command wording: no put/move template in the game grammar")
 
 
-def count_by_task_type(games: Iterable[GameSpec]) -> dict[str, int]:
-    """{task_type: number of games}, in TASK_TYPES order (types with no game are left out)."""
-    counts: dict[str, int] = {}
-    for game in games:
-        counts[game.task_type] = counts.get(game.task_type, 0) + 1
+def count_by_task_type(task_types: Iterable[str]) -> dict[str, int]:
+    """{task_type: count} of one task type per game, in TASK_TYPES order, then any others sorted
+    (types with no game are left out)."""
+    counts = Counter(task_types)
     return {t: counts[t] for t in TASK_TYPES if t in counts} | {
-        t: n for t, n in counts.items() if t not in TASK_TYPES
+        t: counts[t] for t in sorted(counts) if t not in TASK_TYPES
     }

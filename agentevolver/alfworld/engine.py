@@ -30,7 +30,7 @@ from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInf
 from textworld.envs.pddl import PddlEnv
 from textworld.envs.pddl import logic as pddl_logic
 
-from agentevolver.alfworld.data import GAME_FILE, read_task_type
+from agentevolver.alfworld.data import game_file_of, read_task_type
 
 TASK_PREFIX = "Your task is to: "
 CACHE_SIZE = 64  # games per process (≈ 1-3 MB each for real scenes)
@@ -99,12 +99,6 @@ def _engine_call() -> Iterator[None]:
     finally:
         fast_downward.pddl2sas = _ORIGINAL_PDDL2SAS
         sys.argv[:] = argv
-
-
-def game_file_of(game: str | Path) -> str:
-    """Accept a game folder or its game.tw-pddl path."""
-    path = Path(game)
-    return str(path if path.name == GAME_FILE else path / GAME_FILE)
 
 
 def _load_json(game_file: str) -> dict:

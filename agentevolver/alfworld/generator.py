@@ -26,7 +26,14 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from agentevolver.alfworld.data import DATA_SUBDIR, GAME_FILE, TASK_TYPES, TRAJ_FILE
+from agentevolver.alfworld.data import (
+    DATA_SUBDIR,
+    GAME_FILE,
+    TASK_TYPES,
+    TRAJ_FILE,
+    count_by_task_type,
+    read_task_type,
+)
 from agentevolver.alfworld.gen_scenes import Scene, sample_scene, scene_to_pddl, task_sentences
 
 MAX_ATTEMPTS = 20  # re-draws per game before giving up (a failed draw is rare: see tests)
@@ -264,12 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    per_type: dict[str, int] = {}
-    for game in games:
-        task_type = game.parent.name.split("-", 1)[0]
-        per_type[task_type] = per_type.get(task_type, 0) + 1
     summary = {"games": len(games), "out": str(Path(args.out) / DATA_SUBDIR / args.split),
-               "per_task_type": {t: per_type[t] for t in TASK_TYPES if t in per_type},
+               "per_task_type": count_by_task_type(read_task_type(game) for game in games),
                "seconds": round(seconds, 2), "seconds_per_game": round(seconds / max(len(games), 1), 3)}
     print(json.dumps(summary))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 import random
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -18,6 +19,7 @@ from agentevolver.alfworld.data import (
     TASK_TYPES,
     AlfworldDataError,
     GameSpec,
+    count_by_task_type,
     games_under,
     list_games,
 )
@@ -113,28 +115,17 @@ def find_games(path: str | None, split: str | None, task_types: Sequence[str] | 
 
 def summarize(games: Sequence[GameSpec], stats: dict) -> dict:
     """{games, won, success_rate, mean_steps, per_task_type: {task_type: {games, won}}}."""
-    per: dict[str, dict[str, int]] = {}
-    for g, s in zip(games, stats.values()):
-        row = per.setdefault(g.task_type, {"games": 0, "won": 0})
-        row["games"] += 1
-        row["won"] += int(s.won)
-    order = [t for t in TASK_TYPES if t in per] + sorted(t for t in per if t not in TASK_TYPES)
+    played = count_by_task_type(g.task_type for g in games)
+    won_per = count_by_task_type(g.task_type for g, s in zip(games, stats.values()) if s.won)
     n, won = len(games), sum(int(s.won) for s in stats.values())
     return {
         "games": n,
         "won": won,
         "success_rate": won / n if n else 0.0,
         "mean_steps": sum(s.steps for s in stats.values()) / n if n else 0.0,
-        "finish_reasons": _count(s.finish_reason for s in stats.values()),
-        "per_task_type": {t: per[t] for t in order},
+        "finish_reasons": dict(Counter(s.finish_reason for s in stats.values())),
+        "per_task_type": {t: {"games": k, "won": won_per.get(t, 0)} for t, k in played.items()},
     }
-
-
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
