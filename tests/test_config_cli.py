@@ -51,7 +51,9 @@ CASES = [
       "actor_rollout_ref.actor.ppo_mini_batch_size=32"], "algorithm.adv_estimator='gigpo'", "env.rollout_mode=step"),
     (["algorithm.adv_estimator=gigpo", "algorithm.gigpo.mode=std"], "algorithm.gigpo.mode='std'",
      "mean_norm, mean_std_norm"),
-    (["algorithm.gamma=1.5"], "algorithm.gamma=1.5", "in (0, 1]"),
+    (["algorithm.gamma=1.5"], "algorithm.gamma=1.5", "must be <= 1"),
+    (["actor_rollout_ref.actor.optim.lr_scheduler_type=linear"], "lr_scheduler_type='linear'", "cosine"),
+    (["actor_rollout_ref.actor.optim.min_lr_ratio=2"], "min_lr_ratio=2", "must be <= 1"),
     (["actor_rollout_ref.rollout.name=sglang"], "actor_rollout_ref.rollout.name='sglang'", "hf, vllm"),
 ]
 

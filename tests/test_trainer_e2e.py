@@ -52,6 +52,11 @@ def small_overrides(model: Path, data: Path, out: Path) -> list[str]:
             "env.max_steps=4", "algorithm.dapo.dynamic_sampling.enable=false", "trainer.deterministic=true"]
 
 
+# cosine lr decay over the run: the resume test then also checks that the schedule resumes
+THREE_COSINE_STEPS = ["trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.test_freq=3",
+                      "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine"]
+
+
 def cli(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "agentevolver.main_ppo", "--config-name", "alfworld_dapo_tiny", *overrides]
 
@@ -73,7 +78,7 @@ def read_metrics(out: Path) -> dict[int, dict]:
 def full_run(tiny_model_dir, gen_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full")
     proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + [
-        "trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.test_freq=3"]),
+        *THREE_COSINE_STEPS]),
         check=False, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -89,6 +94,8 @@ def test_e2e_metrics_checkpoints_export(full_run):
         assert 0 <= rows[step]["train/success_rate"] <= 1
         assert rows[step]["timing/step"] > 0 and rows[step]["perf/tokens_per_s"] > 0
     assert "val/success_rate" in rows[0] and "val/success_rate" in rows[3]
+    # cosine: lr · ½(1 + cos(π·k/3)) at training step k+1 (tiny recipe lr 2e-4)
+    assert [rows[k]["actor/lr"] for k in (1, 2, 3)] == pytest.approx([2e-4, 1.5e-4, 0.5e-4], rel=1e-9)
     assert any(k.startswith("train/success_rate/") for k in rows[1])
     # atomic checkpoints, keep-last 2, and the exported HF actor reloads
     steps = sorted(p.name for p in full_run.glob("global_step_*"))
@@ -102,7 +109,7 @@ def test_e2e_metrics_checkpoints_export(full_run):
 def test_kill9_then_resume_matches_uninterrupted(full_run, tiny_model_dir, gen_data, tmp_path):
     out = tmp_path / "killed"
     args = cli(small_overrides(tiny_model_dir, gen_data, out) + [
-        "trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.test_freq=3"])
+        *THREE_COSINE_STEPS])
     proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 400

@@ -6,8 +6,10 @@ the actor or the reference is a collective: all ranks call it, each with ITS sha
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from agentevolver.utils.dist import (
     set_rng_state,
 )
 
+LR_SCHEDULERS = ("constant", "cosine")  # actor_rollout_ref.actor.optim.lr_scheduler_type
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
 
 
@@ -84,11 +87,25 @@ def build_fsdp_model(path: str, device: str, dtype: torch.dtype, *, train: bool,
     return model
 
 
-def warmup_lambda(warmup_steps: int):
-    """Linear warm-up from 0 to the base lr over `warmup_steps` optimizer steps, then constant."""
+def warmup_lambda(warmup_steps: int, decay: Callable[[], float] = lambda: 1.0):
+    """Linear warm-up from 0 to the base lr over `warmup_steps` optimizer steps, times the current
+    `decay()` factor of the training-step schedule."""
     def fn(step: int) -> float:
-        return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+        return (min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0) * decay()
     return fn
+
+
+def lr_decay_factor(scheduler_type: str, progress: float, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at `progress` = finished training steps / total training steps.
+
+    constant: 1.  cosine: min_lr_ratio + (1 - min_lr_ratio) · ½(1 + cos(π · progress)), i.e. 1 at the
+    first step, falling to min_lr_ratio at the end of the run (verl's half-cycle cosine)."""
+    if scheduler_type == "constant":
+        return 1.0
+    if scheduler_type == "cosine":
+        p = min(max(progress, 0.0), 1.0)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+    raise ValueError(f"lr_scheduler_type must be one of {LR_SCHEDULERS}, got {scheduler_type!r}")
 
 
 class ActorRolloutRefWorker:
@@ -128,7 +145,9 @@ class ActorRolloutRefWorker:
         optim = arr.actor.optim
         self.optimizer = torch.optim.AdamW(self.actor.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
                                            betas=tuple(optim.betas))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(int(optim.lr_warmup_steps)))
+        self.lr_decay = 1.0  # the training-step schedule's factor, set by update_actor
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_lambda(int(optim.lr_warmup_steps), lambda: self.lr_decay))
         if self.enable_ref:
             self.ref = build_fsdp_model(path, self.device, self.dtype, train=False,
                                         param_offload=arr.ref.param_offload, trust_remote_code=remote)
@@ -195,9 +214,15 @@ class ActorRolloutRefWorker:
         logp, _ = het_actor.compute_log_prob(self.ref, batch, self._temperature(batch), mbs)
         return Batch({"ref_log_prob": logp}, {"traj_id": batch.ids["traj_id"]})
 
-    def update_actor(self, batch: Batch, loss: str = "ppo") -> dict[str, float]:
+    def update_actor(self, batch: Batch, loss: str = "ppo", progress: float = 0.0) -> dict[str, float]:
+        """One training step's optimizer steps; `progress` (finished / total training steps) sets the lr decay."""
         self._sleep_rollout()
         self._optimizer_to(self.device)
+        optim = self.config.actor_rollout_ref.actor.optim
+        self.lr_decay = lr_decay_factor(optim.lr_scheduler_type, progress, float(optim.min_lr_ratio))
+        # the scheduler computed the current lr at its last step(): apply the new factor now
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         metrics = het_actor.update_policy(self.actor, self.optimizer, self.scheduler, batch,
                                           self.config.actor_rollout_ref.actor, self._temperature(batch), loss)
         if self.config.actor_rollout_ref.actor.fsdp_config.optimizer_offload:

@@ -104,8 +104,8 @@ class ActorRolloutRefGroup:
         """Batch(traj_id, ref_log_prob) in `batch`'s row order."""
         return self._joined("compute_ref_log_prob", batch)
 
-    def update_actor(self, batch: Batch, loss: str = "ppo") -> dict[str, float]:
-        return reduce_metrics(self._per_rank("update_actor", batch, loss))
+    def update_actor(self, batch: Batch, loss: str = "ppo", progress: float = 0.0) -> dict[str, float]:
+        return reduce_metrics(self._per_rank("update_actor", batch, loss, progress))
 
     # ------------------------------------------------------------------ checkpoints / export
     def save_checkpoint(self, path: str) -> None:

@@ -104,7 +104,7 @@ class RayTrainer:
                     with timer("adv", timings):
                         batch = self._compute_advantage(batch, metrics)
                     with timer("update_actor", timings):
-                        metrics |= self.workers.update_actor(batch)
+                        metrics |= self.workers.update_actor(batch, progress=self.global_step / self.total_steps)
                     with timer("sync_weights", timings):
                         self.workers.sync_weights()
                 self.global_step += 1

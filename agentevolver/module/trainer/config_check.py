@@ -22,6 +22,7 @@ from agentevolver.module.exp_manager.het_core_algos import (
     REWARD_SHAPING_MODES,
     STEP_ESTIMATORS,
 )
+from agentevolver.workers.fsdp_worker import LR_SCHEDULERS
 from agentevolver.workers.rollout import ROLLOUT_ENGINES
 
 LOGGERS = ("console", "file", "wandb")
@@ -44,7 +45,7 @@ def _one_of(cfg: DictConfig, key: str, valid) -> None:
 
 
 def _number(cfg: DictConfig, key: str, *, minimum: float | None = None, above: float | None = None,
-            integer: bool = False, optional: bool = False) -> None:
+            maximum: float | None = None, integer: bool = False, optional: bool = False) -> None:
     value = OmegaConf.select(cfg, key)
     if value is None and optional:
         return
@@ -55,6 +56,8 @@ def _number(cfg: DictConfig, key: str, *, minimum: float | None = None, above: f
         _fail(key, value, f"must be >= {minimum}")
     if above is not None and value <= above:
         _fail(key, value, f"must be > {above}")
+    if maximum is not None and value > maximum:
+        _fail(key, value, f"must be <= {maximum}")
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -69,6 +72,8 @@ def check_values(cfg: DictConfig) -> None:
     _one_of(cfg, "actor_rollout_ref.actor.kl_loss_type", KL_PENALTIES)
     _one_of(cfg, "algorithm.kl_penalty", KL_PENALTIES)
     _number(cfg, "actor_rollout_ref.actor.optim.lr", above=0)
+    _one_of(cfg, "actor_rollout_ref.actor.optim.lr_scheduler_type", LR_SCHEDULERS)
+    _number(cfg, "actor_rollout_ref.actor.optim.min_lr_ratio", minimum=0, maximum=1)
     _number(cfg, "actor_rollout_ref.actor.grad_clip", above=0)
     _one_of(cfg, "actor_rollout_ref.actor.fsdp_config.dtype", DTYPES)
     _one_of(cfg, "algorithm.adv_estimator", (*ADV_ESTIMATORS, *STEP_ESTIMATORS))
@@ -78,9 +83,7 @@ def check_values(cfg: DictConfig) -> None:
                   "groups turns by their observation: needs env.rollout_mode=step")
         _one_of(cfg, "algorithm.gigpo.mode", GIGPO_MODES)
         _number(cfg, "algorithm.gigpo.step_advantage_w", minimum=0)
-    _number(cfg, "algorithm.gamma", above=0)
-    if cfg.algorithm.gamma > 1:
-        _fail("algorithm.gamma", cfg.algorithm.gamma, "a discount: valid values are in (0, 1]")
+    _number(cfg, "algorithm.gamma", above=0, maximum=1)
     _one_of(cfg, "algorithm.dapo.dynamic_sampling.mode", DYNAMIC_SAMPLING_MODES)
     _number(cfg, "algorithm.dapo.dynamic_sampling.max_num_gen_batches", minimum=1, integer=True)
     _one_of(cfg, "algorithm.dapo.dynamic_sampling.metric", ("acc", "score"))
