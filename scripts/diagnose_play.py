@@ -1,5 +1,5 @@
-"""Greedy play of an HF model on one split through the trainer's own validation path, counting where
-navigation goes wrong.
+"""Play of an HF model on one split through the trainer's own validation path (greedy unless the
+`val_kwargs` overrides say otherwise), counting where navigation goes wrong.
 
 Same pieces as `RayTrainer._validate` with `alfworld_dapo_tiny` (EnvPool + run_episodes + LLMPolicy in
 step mode, nearest-action projection, greedy `val_kwargs`), with the `hf` engine in this process
@@ -8,7 +8,10 @@ instead of the worker group. Counts the `go to X` answers whose X is not a recep
 name to the most similar real receptacle, which is how a warm start that does not read the room
 ends up alternating between two receptacles. Prints ONE JSON object (last stdout line).
 
-    python scripts/diagnose_greedy.py MODEL_DIR DATA_DIR [--split valid_seen] [hydra overrides...]
+    python scripts/diagnose_play.py MODEL_DIR DATA_DIR [--split valid_seen] [--plays K] [hydra overrides...]
+
+Sampled play, e.g. verl-agent's validation: `--plays 2 actor_rollout_ref.rollout.val_kwargs.temperature=0.4`
+(torch seed 0, so a rerun draws the same samples).
 """
 from __future__ import annotations
 
@@ -58,9 +61,11 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("data")
     ap.add_argument("--split", default="valid_seen")
+    ap.add_argument("--plays", type=int, default=1, help="episodes per game (success = wins / episodes)")
     ap.add_argument("overrides", nargs="*", help="hydra overrides of alfworld_dapo_tiny")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    torch.manual_seed(0)
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("alfworld_dapo_tiny", overrides=args.overrides)
     rollout = cfg.actor_rollout_ref.rollout
@@ -74,14 +79,15 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     pool = EnvPool(num_workers=cfg.env.pool.num_workers)
     try:
-        stats = run_episodes(pool, [(f"{i:05d}", g) for i, g in enumerate(games)], policy,
+        stats = run_episodes(pool, [(f"{k}_{i:05d}", g) for k in range(args.plays) for i, g in enumerate(games)], policy,
                              max_steps=cfg.env.max_steps, projection=cfg.env.action_projection)
     finally:
         pool.shutdown()
         ray.shutdown()
     wins = sum(s.won for s in stats.values())
-    print(json.dumps({"model": args.model, "split": args.split, "games": len(games), "wins": wins,
-                      "success_rate": wins / max(1, len(games)), "go_to_actions": policy.go_to,
+    print(json.dumps({"model": args.model, "split": args.split, "games": len(games), "plays": args.plays,
+                      "temperature": float(rollout.val_kwargs.temperature), "wins": wins,
+                      "success_rate": wins / max(1, len(stats)), "go_to_actions": policy.go_to,
                       "go_to_unknown_receptacle": policy.unknown_receptacle}))
 
 
