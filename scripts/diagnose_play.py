@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--split", default="valid_seen")
     ap.add_argument("--plays", type=int, default=1, help="episodes per game (success = wins / episodes)")
     ap.add_argument("overrides", nargs="*", help="hydra overrides of alfworld_dapo_tiny")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # overrides may follow --plays
     torch.set_num_threads(1)
     torch.manual_seed(0)
     with initialize_config_dir(CONFIG_DIR, version_base=None):
