@@ -332,6 +332,12 @@ def compute_episode_advantage(estimator: str, scores: ArrayLike, index: Sequence
 GIGPO_MODES: tuple[str, ...] = ("mean_norm", "mean_std_norm")
 
 
+def gigpo_step_groups(index: Sequence[Hashable] | np.ndarray, anchors: Sequence[Hashable] | np.ndarray
+                      ) -> list[tuple[Hashable, Hashable]]:
+    """GiGPO's step group of each row: (episode group, observation anchor)."""
+    return list(zip(np.asarray(index).tolist(), np.asarray(anchors).tolist()))
+
+
 def compute_gigpo_advantage(scores: ArrayLike, index: Sequence[Hashable] | np.ndarray,
                             episode_ids: Sequence[Hashable] | np.ndarray, turns: ArrayLike, is_last: ArrayLike,
                             anchors: Sequence[Hashable] | np.ndarray, response_mask: torch.Tensor,
@@ -355,8 +361,7 @@ def compute_gigpo_advantage(scores: ArrayLike, index: Sequence[Hashable] | np.nd
     final_score = dict(zip(episodes[last].tolist(), np.asarray(scores, dtype=np.float64)[last].tolist()))
     returns = torch.tensor([gamma ** (final_turn[e] - t) * final_score[e] for e, t in zip(episodes.tolist(), turn)],
                            dtype=torch.float64).unsqueeze(-1)
-    step_groups = list(zip(np.asarray(index).tolist(), np.asarray(anchors).tolist()))
-    step_adv, _ = compute_grpo_outcome_advantage(returns, torch.ones_like(returns), step_groups,
+    step_adv, _ = compute_grpo_outcome_advantage(returns, torch.ones_like(returns), gigpo_step_groups(index, anchors),
                                                  norm_adv_by_std_in_grpo=std)
     return episode_adv + step_advantage_w * step_adv.to(torch.float32) * response_mask.to(torch.float32)
 

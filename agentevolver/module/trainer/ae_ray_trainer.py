@@ -238,7 +238,7 @@ class RayTrainer:
                                                 batch["response_mask"], cfg.gamma, cfg.gigpo.step_advantage_w,
                                                 cfg.gigpo.mode)
             # rows whose state another row of the group also reached: only these get a step advantage
-            states = list(zip(batch.ids["uid"].tolist(), batch.ids["anchor"].tolist()))
+            states = algos.gigpo_step_groups(batch.ids["uid"], batch.ids["anchor"])
             seen = Counter(states)
             metrics["gigpo/shared_state_frac"] = float(np.mean([seen[s] > 1 for s in states]))
             ret = adv
