@@ -77,9 +77,8 @@ def read_metrics(out: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def full_run(tiny_model_dir, gen_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full")
-    proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + [
-        *THREE_COSINE_STEPS]),
-        check=False, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + THREE_COSINE_STEPS),
+                          check=False, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -108,8 +107,7 @@ def test_e2e_metrics_checkpoints_export(full_run):
 
 def test_kill9_then_resume_matches_uninterrupted(full_run, tiny_model_dir, gen_data, tmp_path):
     out = tmp_path / "killed"
-    args = cli(small_overrides(tiny_model_dir, gen_data, out) + [
-        *THREE_COSINE_STEPS])
+    args = cli(small_overrides(tiny_model_dir, gen_data, out) + THREE_COSINE_STEPS)
     proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 400
