@@ -50,7 +50,8 @@ def run_sft(cfg: DictConfig) -> dict:
         metrics = {}
         for epoch in range(cfg.sft.epochs):
             order = trainer.rng_permutation(len(data), epoch)
-            metrics = trainer.workers.update_actor(data.select(order), loss="sft")
+            # an epoch is SFT's training step: lr_scheduler_type=cosine decays over the epochs
+            metrics = trainer.workers.update_actor(data.select(order), loss="sft", progress=epoch / cfg.sft.epochs)
             trainer.tracker.log({"sft/epoch": epoch} | metrics, step=epoch)
         trainer.workers.sync_weights()
         trainer.workers.export_hf(str(trainer.out_dir / "hf_actor"))

@@ -180,16 +180,20 @@ def test_env_actor_killed_mid_rollout(tiny_model_dir, gen_data, tmp_path):
 
 
 def test_sft_warm_start_on_walkthroughs(tiny_model_dir, gen_data, tmp_path):
-    """The SFT command reuses the actor worker: teacher-forced walkthroughs win, the loss falls."""
+    """The SFT command reuses the actor worker: teacher-forced walkthroughs win, the loss falls, and a
+    cosine schedule decays over the epochs."""
     out = tmp_path / "sft"
-    overrides = small_overrides(tiny_model_dir, gen_data, out) + ["sft.epochs=3", "env.max_steps=12"]
+    overrides = small_overrides(tiny_model_dir, gen_data, out) + [
+        "sft.epochs=3", "env.max_steps=12", "sft.lr=1e-3", "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine"]
     proc = subprocess.run([sys.executable, "-m", "agentevolver.sft", "--config-name", "alfworld_dapo_tiny",
                            *overrides], check=False, cwd=REPO, env=env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "explore-teacher trajectories (won 1.00)" in proc.stdout  # detours + walkthrough still win
-    losses = [row["actor/sft_loss"] for _, row in sorted(read_metrics(out).items())]
+    rows = [row for _, row in sorted(read_metrics(out).items())]
+    losses = [row["actor/sft_loss"] for row in rows]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    assert [row["actor/lr"] for row in rows] == pytest.approx([1e-3, 7.5e-4, 2.5e-4])  # ½(1 + cos(π·e/3))
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "hf_actor")
