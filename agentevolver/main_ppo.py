@@ -30,9 +30,10 @@ def validated(cfg: DictConfig) -> DictConfig:
 
 
 def run(cfg: DictConfig) -> dict:
+    validated(cfg)  # before importing the trainer: its imports (ray, textworld) take seconds
     from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
 
-    trainer = RayTrainer(validated(cfg))
+    trainer = RayTrainer(cfg)
     try:
         return trainer.fit()
     finally:

@@ -10,6 +10,7 @@ runs `update_actor(loss="sft")`: token-mean NLL with the mini-batch's global tok
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import hydra
 from omegaconf import DictConfig
@@ -19,12 +20,16 @@ from agentevolver.main_ppo import CONFIG_DIR, validated
 from agentevolver.protocol import Batch
 from agentevolver.workers.rollout.base import SamplingParams
 
+# sft.teacher -> the expert's maximum number of detours before it plays the planner walkthrough
+TEACHERS: dict[str, Callable[[DictConfig], int]] = {
+    "walkthrough": lambda cfg: 0,                # the plan verbatim (privileged: walks straight to the object)
+    "explore": lambda cfg: cfg.sft.max_detours,  # 0..sft.max_detours seeded detours first (searches the room)
+}
 
-def make_teacher(cfg: DictConfig):
-    """view -> response text. `walkthrough` = the planner plan verbatim (privileged: it walks straight
-    to the hidden object); `explore` = the same expert after 0..sft.max_detours seeded detours."""
-    detours = cfg.sft.max_detours if cfg.sft.teacher == "explore" else 0
-    expert = WalkthroughPolicy(seed=cfg.trainer.seed, max_detours=detours)
+
+def make_teacher(cfg: DictConfig) -> Callable:
+    """view -> response text: the planner walkthrough, after TEACHERS[sft.teacher] detours at most."""
+    expert = WalkthroughPolicy(seed=cfg.trainer.seed, max_detours=TEACHERS[cfg.sft.teacher](cfg))
     return lambda view: f"<action>{expert.action(view)}</action>"
 
 

@@ -34,7 +34,7 @@ def run_cli(*overrides: str, config: str = "alfworld_dapo_tiny") -> tuple[int, s
 
 CASES = [
     (["actor_rollout_ref.actor.loss_agg_mode=sum"], "actor_rollout_ref.actor.loss_agg_mode='sum'", "token-mean"),
-    (["actor_rollout_ref.actor.clip_ratio_c=1.0"], "actor_rollout_ref.actor.clip_ratio_c=1.0", "must be > 1.0"),
+    (["actor_rollout_ref.actor.clip_ratio_c=1.0"], "actor_rollout_ref.actor.clip_ratio_c=1.0", "must be a number > 1"),
     (["actor_rollout_ref.actor.clip_ratio_low=-0.1"], "actor_rollout_ref.actor.clip_ratio_low=-0.1", ">= 0"),
     (["actor_rollout_ref.actor.clip_ratio_high=-0.2"], "actor_rollout_ref.actor.clip_ratio_high=-0.2", ">= 0"),
     (["actor_rollout_ref.rollout.n=1"], "actor_rollout_ref.rollout.n=1", "needs n >= 2"),
@@ -51,9 +51,9 @@ CASES = [
       "actor_rollout_ref.actor.ppo_mini_batch_size=32"], "algorithm.adv_estimator='gigpo'", "env.rollout_mode=step"),
     (["algorithm.adv_estimator=gigpo", "algorithm.gigpo.mode=std"], "algorithm.gigpo.mode='std'",
      "mean_norm, mean_std_norm"),
-    (["algorithm.gamma=1.5"], "algorithm.gamma=1.5", "must be <= 1"),
+    (["algorithm.gamma=1.5"], "algorithm.gamma=1.5", "and <= 1"),
     (["actor_rollout_ref.actor.optim.lr_scheduler_type=linear"], "lr_scheduler_type='linear'", "cosine"),
-    (["actor_rollout_ref.actor.optim.min_lr_ratio=2"], "min_lr_ratio=2", "must be <= 1"),
+    (["actor_rollout_ref.actor.optim.min_lr_ratio=2"], "min_lr_ratio=2", "and <= 1"),
     (["actor_rollout_ref.rollout.name=sglang"], "actor_rollout_ref.rollout.name='sglang'", "hf, vllm"),
 ]
 

@@ -28,10 +28,16 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
+DEVICES = ("auto", "cuda", "cpu")  # trainer.device
+# actor_rollout_ref.actor.fsdp_config.dtype (besides auto). No fp16: FSDP2 here has no loss scaler.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'. 'cuda' without a GPU is a user error."""
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"trainer.device must be auto | cuda | cpu, got {device!r}")
+    if device not in DEVICES:
+        raise ValueError(f"trainer.device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -39,17 +45,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
-
-
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """'auto' -> bf16 on CUDA, fp32 on CPU; else the named dtype."""
     if dtype == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype]
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, device: str,

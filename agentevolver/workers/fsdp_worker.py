@@ -39,6 +39,7 @@ from agentevolver.utils.dist import (
 )
 
 LR_SCHEDULERS = ("constant", "cosine")  # actor_rollout_ref.actor.optim.lr_scheduler_type
+REF_ENABLE = ("auto", True, False)  # actor_rollout_ref.ref.enable
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
 
 
@@ -48,7 +49,7 @@ def ref_enabled(config: Any) -> bool:
     if enable == "auto":
         return bool(config.actor_rollout_ref.actor.use_kl_loss or config.algorithm.use_kl_in_reward)
     if not isinstance(enable, bool):
-        raise TypeError(f"actor_rollout_ref.ref.enable must be auto | true | false, got {enable!r}")
+        raise TypeError(f"actor_rollout_ref.ref.enable must be one of {REF_ENABLE}, got {enable!r}")
     return enable
 
 
@@ -284,7 +285,7 @@ class ActorRolloutRefWorker:
             src = Path(self.config.actor_rollout_ref.model.path)
             cfg = AutoConfig.from_pretrained(src, trust_remote_code=self.config.actor_rollout_ref.model.trust_remote_code)
             dtype = getattr(cfg, "dtype", None) or torch.float32
-            dtype = resolve_dtype(dtype, "cpu") if isinstance(dtype, str) else dtype
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # HF names: torch's ("bfloat16")
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
             missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False,

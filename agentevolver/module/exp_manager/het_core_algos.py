@@ -382,6 +382,8 @@ _DROP_RULES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray
     "remove_all_incorrect": lambda equal, all_ok, none_ok: none_ok,
 }
 DYNAMIC_SAMPLING_MODES: tuple[str, ...] = tuple(_DROP_RULES)
+# dynamic_sampling.metric -> the per-episode id column that must vary within a group
+DYNAMIC_SAMPLING_METRICS: dict[str, str] = {"acc": "won", "score": "score"}
 
 
 def filter_groups(scores: ArrayLike, index: Sequence[Hashable] | np.ndarray, mode: str

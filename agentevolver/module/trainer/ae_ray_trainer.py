@@ -202,7 +202,7 @@ class RayTrainer:
             # a crashed env is not the policy's doing: such episodes are counted, never trained on
             batch = batch.select(batch.ids["finish_reason"] != "env_error")
             if ds.enable:
-                signal = batch.ids["won"].astype(np.float32) if ds.metric == "acc" else batch.ids["score"]
+                signal = batch.ids[algos.DYNAMIC_SAMPLING_METRICS[ds.metric]].astype(np.float32)
                 keep, _ = algos.filter_groups(signal, batch.ids["uid"], ds.mode)
                 batch = batch.select(np.asarray(keep, dtype=bool))
             kept.append(batch)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+RESUME_MODES = ("auto", "disable")  # trainer.resume_mode, besides a global_step_N folder path
 LATEST = "latest_checkpointed_iteration.txt"
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 

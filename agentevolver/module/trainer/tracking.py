@@ -10,6 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+LOGGERS = ("console", "file", "wandb")  # trainer.logger: the sinks below
+
 
 def _plain(value: Any) -> Any:
     if hasattr(value, "item"):

@@ -1,0 +1,387 @@
+"""The ONE declaration of what every config key may hold: `SCHEMA` (key -> check) and `RULES`.
+
+    SCHEMA["trainer.test_freq"] = Int(min=1, off=0)      # one line per key of config/base.yaml
+    RULES = (mini_batch_divides_rows, ...)                # checks that relate several keys
+
+Adding a key = its line (default + comment) in config/base.yaml and its line here; tests/test_config_schema.py
+fails while either is missing. Valid-name sets are not listed here: each `OneOf` reads the registry or
+tuple of the module that owns the choice (a registry filled at import is read when the check runs).
+A failed check is ONE line: `<key>=<value> is invalid: must be <what is valid>` (`ConfigError`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from agentevolver.alfworld.agent import ACTION_PROJECTIONS
+from agentevolver.alfworld.data import TASK_TYPES
+from agentevolver.module.agent_flow.llm_policy import ROLLOUT_MODES
+from agentevolver.module.exp_manager.het_core_algos import (
+    ADV_ESTIMATORS,
+    AGG_LOSS_MODES,
+    DYNAMIC_SAMPLING_METRICS,
+    DYNAMIC_SAMPLING_MODES,
+    GIGPO_MODES,
+    GROUP_ESTIMATORS,
+    KL_PENALTIES,
+    REWARD_SHAPING_MODES,
+    STEP_ESTIMATORS,
+)
+from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
+from agentevolver.module.trainer.tracking import LOGGERS
+from agentevolver.sft import TEACHERS
+from agentevolver.utils.dist import DEVICES, DTYPE_CHOICES
+from agentevolver.workers.fsdp_worker import LR_SCHEDULERS, REF_ENABLE
+from agentevolver.workers.rollout import ROLLOUT_ENGINES
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; its message is the one line shown to the user."""
+
+
+def fail(key: str, value: Any, valid: str) -> None:
+    raise ConfigError(f"{key}={value!r} is invalid: {valid}")
+
+
+def show(value: Any) -> str:
+    """A value as the user writes it in YAML / on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# ----------------------------------------------------------------------------- checks
+class Check:
+    """`ok(value)` and `what`: what is valid, in words ('must be <what>')."""
+
+    what: str = ""
+
+    def ok(self, value: Any) -> bool:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Num(Check):
+    """A number (int or float, never a bool) within the given bounds; `off` is one extra accepted value."""
+
+    min: float | None = None
+    max: float | None = None
+    above: float | None = None   # strict lower bound
+    below: float | None = None   # strict upper bound
+    off: float | None = None     # a sentinel that means "off" (e.g. top_k=-1)
+    integer = False
+
+    def ok(self, value: Any) -> bool:
+        kinds = int if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return False
+        if self.off is not None and value == self.off:
+            return True
+        return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+    @property
+    def what(self) -> str:
+        bounds = [f"{op} {show(b)}" for op, b in ((">=", self.min), (">", self.above), ("<=", self.max),
+                                                  ("<", self.below)) if b is not None]
+        text = ("an integer" if self.integer else "a number") + (" " + " and ".join(bounds) if bounds else "")
+        return text + (f", or {show(self.off)} (off)" if self.off is not None else "")
+
+
+@dataclass(frozen=True)
+class Int(Num):
+    integer = True
+
+
+@dataclass(frozen=True)
+class Bool(Check):
+    what = "true or false"
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Str(Check):
+    """A non-empty string; `hint` says what it names."""
+
+    hint: str = ""
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, str) and value != ""
+
+    @property
+    def what(self) -> str:
+        return "a non-empty string" + (f" ({self.hint})" if self.hint else "")
+
+
+@dataclass(frozen=True)
+class OneOf(Check):
+    """One of the owner's names (a tuple, or a registry dict read when the check runs). Types are strict:
+    `true` is not `1`, the string 'true' is not `true`."""
+
+    choices: Collection[Any]
+
+    def ok(self, value: Any) -> bool:
+        return any(type(value) is type(c) and value == c for c in self.choices)
+
+    @property
+    def what(self) -> str:
+        return "one of " + ", ".join(show(c) for c in self.choices)
+
+
+@dataclass(frozen=True)
+class Optional(Check):
+    """null (meaning `null_means`) or a value `inner` accepts."""
+
+    inner: Check
+    null_means: str = ""
+
+    def ok(self, value: Any) -> bool:
+        return value is None or self.inner.ok(value)
+
+    @property
+    def what(self) -> str:
+        return f"{self.inner.what}, or null" + (f" ({self.null_means})" if self.null_means else "")
+
+
+@dataclass(frozen=True)
+class ListOf(Check):
+    """A list whose items `item` accepts; `length` fixes its size; `single` also accepts one bare item."""
+
+    item: Check
+    length: int | None = None
+    single: bool = False
+
+    def ok(self, value: Any) -> bool:
+        if self.single and self.item.ok(value):
+            return True
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return False
+        return (self.length is None or len(value) == self.length) and all(self.item.ok(v) for v in value)
+
+    @property
+    def what(self) -> str:
+        size = f"{self.length} " if self.length is not None else ""
+        return f"a list of {size}items, each {self.item.what}"
+
+
+@dataclass(frozen=True)
+class AnyOf(Check):
+    options: tuple[Check, ...]
+
+    def ok(self, value: Any) -> bool:
+        return any(o.ok(value) for o in self.options)
+
+    @property
+    def what(self) -> str:
+        return " or ".join(o.what for o in self.options)
+
+
+# ----------------------------------------------------------------------------- the schema
+POS_INT = Int(min=1)
+FRACTION = Num(min=0, max=1)
+TEMPERATURE = Num(min=0, max=2)  # 0 = greedy; above 2 sampling is close to uniform noise
+TOP_P = Num(above=0, max=1)
+FREQ = Int(min=1, off=0)  # every N steps (and at the last step); 0 = off (one value only: -1, -2 are refused)
+
+SCHEMA: dict[str, Check] = {
+    "data.train_batch_size": POS_INT,
+    "data.val_batch_size": Optional(POS_INT, "the whole eval split at once"),
+    "data.max_prompt_length": POS_INT,
+    "data.max_response_length": POS_INT,
+    "data.shuffle": Bool(),
+    "data.seed": Int(min=0),
+    "actor_rollout_ref.model.path": Str("a local HF model folder"),
+    "actor_rollout_ref.model.enable_gradient_checkpointing": Bool(),
+    "actor_rollout_ref.model.trust_remote_code": Bool(),
+    "actor_rollout_ref.actor.ppo_mini_batch_size": POS_INT,
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": POS_INT,
+    "actor_rollout_ref.actor.ppo_epochs": POS_INT,
+    "actor_rollout_ref.actor.loss_agg_mode": OneOf(AGG_LOSS_MODES),
+    "actor_rollout_ref.actor.loss_scale_factor": Optional(Num(above=0), "the padded response length"),
+    "actor_rollout_ref.actor.clip_ratio_low": Num(min=0),
+    "actor_rollout_ref.actor.clip_ratio_high": Num(min=0),
+    "actor_rollout_ref.actor.clip_ratio_c": Num(above=1),
+    "actor_rollout_ref.actor.off_cliprange_high": Optional(Num(min=0), "clip_ratio_high"),
+    "actor_rollout_ref.actor.use_kl_loss": Bool(),
+    "actor_rollout_ref.actor.kl_loss_coef": Num(min=0),
+    "actor_rollout_ref.actor.kl_loss_type": OneOf(KL_PENALTIES),
+    "actor_rollout_ref.actor.entropy_coeff": Num(min=0),
+    "actor_rollout_ref.actor.grad_clip": Num(above=0),
+    "actor_rollout_ref.actor.optim.lr": Num(above=0),
+    "actor_rollout_ref.actor.optim.weight_decay": Num(min=0),
+    "actor_rollout_ref.actor.optim.betas": ListOf(Num(min=0, below=1), length=2),
+    "actor_rollout_ref.actor.optim.lr_warmup_steps": Int(min=0),
+    "actor_rollout_ref.actor.optim.lr_scheduler_type": OneOf(LR_SCHEDULERS),
+    "actor_rollout_ref.actor.optim.min_lr_ratio": FRACTION,
+    "actor_rollout_ref.actor.fsdp_config.dtype": OneOf(DTYPE_CHOICES),
+    "actor_rollout_ref.actor.fsdp_config.param_offload": Bool(),
+    "actor_rollout_ref.actor.fsdp_config.optimizer_offload": Bool(),
+    "actor_rollout_ref.ref.enable": OneOf(REF_ENABLE),
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": POS_INT,
+    "actor_rollout_ref.ref.param_offload": Bool(),
+    "actor_rollout_ref.rollout.name": OneOf(ROLLOUT_ENGINES),
+    "actor_rollout_ref.rollout.n": POS_INT,
+    "actor_rollout_ref.rollout.temperature": TEMPERATURE,
+    "actor_rollout_ref.rollout.top_p": TOP_P,
+    "actor_rollout_ref.rollout.top_k": Int(min=1, off=-1),
+    "actor_rollout_ref.rollout.response_length": POS_INT,
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": POS_INT,
+    "actor_rollout_ref.rollout.tensor_model_parallel_size": POS_INT,
+    "actor_rollout_ref.rollout.gpu_memory_utilization": Num(above=0, max=1),
+    "actor_rollout_ref.rollout.enforce_eager": Bool(),
+    "actor_rollout_ref.rollout.free_cache_engine": Bool(),
+    "actor_rollout_ref.rollout.max_num_seqs": POS_INT,
+    "actor_rollout_ref.rollout.val_kwargs.temperature": TEMPERATURE,
+    "actor_rollout_ref.rollout.val_kwargs.top_p": TOP_P,
+    "actor_rollout_ref.rollout.val_kwargs.n": POS_INT,
+    "algorithm.adv_estimator": OneOf((*ADV_ESTIMATORS, *STEP_ESTIMATORS)),
+    "algorithm.norm_adv_by_std_in_grpo": Bool(),
+    "algorithm.gamma": Num(above=0, max=1),
+    "algorithm.gigpo.step_advantage_w": Num(min=0),
+    "algorithm.gigpo.mode": OneOf(GIGPO_MODES),
+    "algorithm.use_kl_in_reward": Bool(),
+    "algorithm.kl_penalty": OneOf(KL_PENALTIES),
+    "algorithm.kl_ctrl.kl_coef": Num(min=0),
+    "algorithm.dapo.dynamic_sampling.enable": Bool(),
+    "algorithm.dapo.dynamic_sampling.mode": OneOf(DYNAMIC_SAMPLING_MODES),
+    "algorithm.dapo.dynamic_sampling.metric": OneOf(DYNAMIC_SAMPLING_METRICS),
+    "algorithm.dapo.dynamic_sampling.max_num_gen_batches": POS_INT,
+    "algorithm.dapo.overlong_reward_shaping.enable": Bool(),
+    "algorithm.dapo.overlong_reward_shaping.mode": OneOf(REWARD_SHAPING_MODES),
+    "algorithm.dapo.overlong_reward_shaping.buffer_length": Int(min=0),
+    "algorithm.dapo.overlong_reward_shaping.penalty_factor": Num(min=0),
+    "algorithm.dapo.overlong_reward_shaping.truncation_penalty": Num(min=0),
+    "env.alfworld.data_dir": Optional(Str("a folder holding json_2.1.1/"), "$ALFWORLD_DATA"),
+    "env.alfworld.train_split": Str("a folder under json_2.1.1/"),
+    "env.alfworld.val_split": Str("a folder under json_2.1.1/"),
+    "env.alfworld.task_types": Optional(ListOf(OneOf(TASK_TYPES)), "all six"),
+    "env.max_steps": POS_INT,
+    "env.rollout_mode": OneOf(ROLLOUT_MODES),
+    "env.history_window": Optional(Int(min=0), "all earlier turns"),
+    "env.action_projection": OneOf(ACTION_PROJECTIONS),
+    "env.reward.success": Num(),
+    "env.reward.format_penalty": Num(min=0),
+    "env.pool.num_workers": POS_INT,
+    "env.pool.num_cpus_per_worker": Num(above=0),
+    "env.pool.step_timeout_s": Num(above=0),
+    "env.pool.reset_timeout_s": Num(above=0),
+    "trainer.project_name": Str(),
+    "trainer.experiment_name": Str(),
+    "trainer.logger": ListOf(OneOf(LOGGERS), single=True),
+    "trainer.device": OneOf(DEVICES),
+    "trainer.nnodes": POS_INT,
+    "trainer.n_gpus_per_node": POS_INT,
+    "trainer.total_epochs": POS_INT,
+    "trainer.total_training_steps": Optional(POS_INT, "total_epochs × batches per epoch"),
+    "trainer.test_freq": FREQ,
+    "trainer.save_freq": FREQ,
+    "trainer.val_before_train": Bool(),
+    "trainer.val_only": Bool(),
+    "trainer.default_local_dir": Str("the run's output folder"),
+    "trainer.resume_mode": AnyOf((OneOf(RESUME_MODES), Str("a global_step_N folder"))),
+    "trainer.max_ckpt_to_keep": POS_INT,
+    "trainer.export_hf": Bool(),
+    "trainer.seed": Int(min=0),
+    "trainer.deterministic": Bool(),
+    "trainer.ray.address": Optional(Str("host:port of a running Ray cluster"), "start a local one"),
+    "trainer.ray.num_cpus": Optional(POS_INT, "all of this machine's"),
+    "sft.epochs": POS_INT,
+    "sft.lr": Num(above=0),
+    "sft.ppo_mini_batch_size": Optional(POS_INT, "actor_rollout_ref.actor.ppo_mini_batch_size"),
+    "sft.teacher": OneOf(TEACHERS),
+    "sft.max_detours": Int(min=0),
+    "sft.samples_per_game": POS_INT,
+}
+
+
+# ----------------------------------------------------------------------------- cross-field rules
+def step_estimator_needs_step_mode(cfg: DictConfig) -> None:
+    if cfg.algorithm.adv_estimator in STEP_ESTIMATORS and cfg.env.rollout_mode != "step":
+        fail("algorithm.adv_estimator", cfg.algorithm.adv_estimator,
+             "groups turns by their observation: needs env.rollout_mode=step")
+
+
+def group_estimator_needs_a_group(cfg: DictConfig) -> None:
+    n = cfg.actor_rollout_ref.rollout.n
+    if cfg.algorithm.adv_estimator in GROUP_ESTIMATORS and n < 2:
+        fail("actor_rollout_ref.rollout.n", n, f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} "
+             "compares rollouts within a group: needs n >= 2")
+
+
+def mini_batch_divides_rows(cfg: DictConfig) -> None:
+    mini = cfg.actor_rollout_ref.actor.ppo_mini_batch_size
+    rows = cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
+    if cfg.env.rollout_mode == "trajectory" and rows % mini:  # step mode: the number of rows varies
+        fail("actor_rollout_ref.actor.ppo_mini_batch_size", mini,
+             f"data.train_batch_size × rollout.n = {rows} rows must divide by it (valid: a divisor of {rows})")
+
+
+def micro_batch_fits_mini_batch(cfg: DictConfig) -> None:
+    actor = cfg.actor_rollout_ref.actor
+    for key, mini in (("actor_rollout_ref.actor.ppo_mini_batch_size", actor.ppo_mini_batch_size),
+                      ("sft.ppo_mini_batch_size", cfg.sft.ppo_mini_batch_size)):
+        if mini is not None and actor.ppo_micro_batch_size_per_gpu > mini:
+            fail("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", actor.ppo_micro_batch_size_per_gpu,
+                 f"must be <= {key} ({mini})")
+
+
+def trajectory_mode_keeps_all_history(cfg: DictConfig) -> None:
+    if cfg.env.rollout_mode == "trajectory" and cfg.env.history_window is not None:
+        fail("env.history_window", cfg.env.history_window,
+             "trajectory mode keeps the full history in one token sequence: use null")
+
+
+def step_mode_has_no_kl_in_reward(cfg: DictConfig) -> None:
+    if cfg.env.rollout_mode == "step" and cfg.algorithm.use_kl_in_reward:
+        fail("algorithm.use_kl_in_reward", True, "step mode has episode-level advantages: use "
+             "actor_rollout_ref.actor.use_kl_loss=true for a KL term instead")
+
+
+def overlong_buffer_fits_response(cfg: DictConfig) -> None:
+    shaping, budget = cfg.algorithm.dapo.overlong_reward_shaping, cfg.data.max_response_length
+    if shaping.enable and shaping.buffer_length > budget:
+        fail("algorithm.dapo.overlong_reward_shaping.buffer_length", shaping.buffer_length,
+             f"must be <= data.max_response_length ({budget})")
+
+
+RULES: tuple[Callable[[DictConfig], None], ...] = (
+    step_estimator_needs_step_mode, group_estimator_needs_a_group, mini_batch_divides_rows,
+    micro_batch_fits_mini_batch, trajectory_mode_keeps_all_history, step_mode_has_no_kl_in_reward,
+    overlong_buffer_fits_response,
+)
+
+
+# ----------------------------------------------------------------------------- applying it
+def leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of every leaf (a list is a leaf), without resolving interpolations."""
+    keys = []
+    for k in node:
+        child = node._get_node(k)
+        if OmegaConf.is_dict(child):
+            keys += leaf_keys(child, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Every key of `cfg` is declared, every declared key is there, and each value passes its check."""
+    present = set(leaf_keys(cfg))
+    for key in sorted(present - set(SCHEMA)):
+        fail(key, OmegaConf.select(cfg, key), "no such key in config/base.yaml (nothing reads it)")
+    for key, check in SCHEMA.items():
+        if key not in present:
+            raise ConfigError(f"{key} is missing: config/base.yaml declares it")
+        value = OmegaConf.select(cfg, key)
+        if not check.ok(value):
+            fail(key, value, f"must be {check.what}")
+
+
+def check_rules(cfg: DictConfig) -> None:
+    for rule in RULES:
+        rule(cfg)
