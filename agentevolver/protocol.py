@@ -17,14 +17,14 @@ Tensor layout (P = padded prompt length, R = padded response length):
     response_mask      (B, R)   1 only on model-generated tokens (the loss mask)
     rollout_log_probs  (B, R)   log-probs the rollout engine reported (0 off the mask)
     token_level_rewards(B, R)   the episode reward on the last model token
-    old_log_probs / ref_log_prob / advantages / returns  (B, R), added by later stages
+    old_log_probs / ref_log_prob / advantages  (B, R), added by later stages
 Per-row ids: traj_id (unique), uid (GRPO group = task instance), task_id, task_type,
 finish_reason, num_turns, policy_version, ...
 """
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,17 +74,10 @@ class Batch:
         return Batch({k: v[idx] for k, v in self.tensors.items()},
                      {k: v[np_idx] for k, v in self.ids.items()}, dict(self.meta))
 
-    def select_keys(self, tensor_keys: Iterable[str] = (), id_keys: Iterable[str] = ("traj_id",)) -> Batch:
-        return Batch({k: self.tensors[k] for k in tensor_keys}, {k: self.ids[k] for k in id_keys}, dict(self.meta))
-
     def chunk(self, num_chunks: int) -> list[Batch]:
         """Split into `num_chunks` contiguous pieces whose sizes differ by at most one."""
         bounds = np.linspace(0, len(self), num_chunks + 1).round().astype(int)
         return [self.select(np.arange(a, b)) for a, b in itertools.pairwise(bounds)]
-
-    def split(self, size: int) -> list[Batch]:
-        """Pieces of `size` rows (the last may be shorter)."""
-        return [self.select(np.arange(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 
     @staticmethod
     def concat(batches: Sequence[Batch]) -> Batch:
@@ -119,9 +112,6 @@ class Batch:
         if len(order) != len(self):
             raise ValueError(f"Batch.align_to: {len(self)} rows cannot align to {len(reference)}")
         return self.select(order)
-
-    def to(self, device: str | torch.device) -> Batch:
-        return Batch({k: v.to(device) for k, v in self.tensors.items()}, self.ids, self.meta)
 
 
 def _pad_cat(parts: list[torch.Tensor], left: bool) -> torch.Tensor:
