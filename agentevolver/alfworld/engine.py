@@ -135,8 +135,9 @@ class GameEngine:
     """
 
     def __init__(self) -> None:
-        # `walkthrough` is served from the file by PddlEnv (it plans only when the file has none; every
-        # alfworld game file has one, and we never fall back: see _walkthrough below).
+        # `walkthrough` is the file's plan: `_CachedPddlEnv.load` sets it from the game data and `reset`
+        # puts that list in `info` (PddlEnv would plan only for a file without one; every alfworld
+        # game file and every generated one has it, so nothing here ever plans).
         infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile"])
         self._env = AlfredInfos(AlfredDemangler(shuffle=False)(_CachedPddlEnv(infos)))
         self._loaded: str | None = None

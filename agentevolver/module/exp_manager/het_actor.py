@@ -1,8 +1,9 @@
 """The actor: response-token log-probs and the DAPO / SFT update of an FSDP2-wrapped HF causal LM.
 
-Split invariance (DESIGN.md §3): every micro-batch's loss is aggregated with the GLOBAL valid-token /
-valid-row counts of its mini-batch (summed over the rank's pieces and all-reduced once), and multiplied
-by world_size because FSDP averages gradients over ranks. The accumulated gradient is then exactly the
+Split invariance (README, "How token-mean is exact"; tests/test_dist_token_mean.py): every
+micro-batch's loss is aggregated with the GLOBAL valid-token / valid-row counts of its mini-batch
+(summed over the rank's pieces and all-reduced once), and multiplied by world_size because FSDP
+averages gradients over ranks. The accumulated gradient is then exactly the
 gradient of the whole mini-batch loss, for any micro-batch size and any number of ranks.
 
 FSDP2 all-gathers parameters in every forward, so all ranks must run the same number of forward /

@@ -4,7 +4,7 @@ The policy loss is verl's vanilla PPO loss with DAPO's decoupled clip ("clip-hig
 https://arxiv.org/abs/2503.14476) and dual-clip (https://arxiv.org/abs/1912.09729); `agg_loss`
 turns the per-token matrix into a scalar and, given the *global* token / sequence counts of the
 mini-batch, returns each micro-batch's exact share, so micro-batches and data-parallel ranks add up
-to the whole-batch loss and gradient (DESIGN.md §3).
+to the whole-batch loss and gradient (README, "How token-mean is exact").
 """
 from __future__ import annotations
 

