@@ -2,15 +2,21 @@
 
     python -m agentevolver.sft --config-name alfworld_dapo_tiny [overrides]   # writes <default_local_dir>/hf_actor
 
-Each training game's stored walkthrough is played through the real env pool with teacher forcing
-(`LLMPolicy(teacher=...)`), so the SFT rows are token-for-token the sequences the RL rollout builds
-(same prompts, same observation turns, response_mask on the action tokens). The FSDP2 actor then
-runs `update_actor(loss="sft")`: token-mean NLL with the mini-batch's global token count.
+Its own driver, two phases: `collect` plays each training game's stored walkthrough through the real
+env pool with teacher forcing (`LLMPolicy(teacher=...)`), so the SFT rows are token-for-token the
+sequences the RL rollout builds (same prompts, same observation turns, response_mask on the action
+tokens); `train` runs the FSDP2 actor's `update_actor(loss="sft")` (token-mean NLL with the
+mini-batch's global token count) once per epoch. It starts from actor_rollout_ref.model.path and
+never from a checkpoint in the output folder unless one is named (`trainer.resume_mode=<global_step_N>`):
+`resume_mode=auto` continues main_ppo runs, never SFT. The config is validated as given; the actor
+settings SFT trains with are derived from it afterwards (`sft_config`), the given config is not edited.
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -33,37 +39,78 @@ def make_teacher(cfg: DictConfig) -> Callable:
     return lambda view: f"<action>{expert.action(view)}</action>"
 
 
-def run_sft(cfg: DictConfig) -> dict:
-    from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
-
-    cfg.actor_rollout_ref.actor.optim.lr = cfg.sft.lr
+def sft_config(cfg: DictConfig) -> DictConfig:
+    """A copy of the validated `cfg` with the actor settings of the SFT run: sft.lr for the actor lr,
+    sft.ppo_mini_batch_size (if set) for its mini-batch, no overlong shaping (teacher rows carry no reward)."""
+    out = copy.deepcopy(cfg)
+    out.actor_rollout_ref.actor.optim.lr = cfg.sft.lr
     if cfg.sft.ppo_mini_batch_size is not None:
-        cfg.actor_rollout_ref.actor.ppo_mini_batch_size = cfg.sft.ppo_mini_batch_size
-    cfg.algorithm.dapo.overlong_reward_shaping.enable = False
-    validated(cfg)
-    trainer = RayTrainer(cfg)
-    try:
+        out.actor_rollout_ref.actor.ppo_mini_batch_size = cfg.sft.ppo_mini_batch_size
+    out.algorithm.dapo.overlong_reward_shaping.enable = False
+    return out
+
+
+class SFTDriver:
+    """collect() teacher trajectories, then train() on them; writes hf_actor. No checkpoints of its own.
+
+    Uses the trainer's runtime (Ray, env pool, workers, rollout, tracker) built with resume=False."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
+        from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
+
+        self.cfg = sft_config(cfg)
+        self.runtime = RayTrainer(self.cfg, resume=False)
+        mode, rt = str(cfg.trainer.resume_mode), self.runtime
+        if mode not in RESUME_MODES:  # asked for: start from that checkpoint's actor
+            path = rt.ckpt.find_resume(mode)
+            rt.workers.load_checkpoint(str(Path(path) / "actor"))
+            rt.workers.sync_weights()
+            print(f"sft: starting from the actor of {path} (trainer.resume_mode)", flush=True)
+        elif rt.ckpt.list_steps():
+            print(f"sft: starting from {cfg.actor_rollout_ref.model.path}, not from the checkpoints in {rt.out_dir} "
+                  f"(resume_mode={mode} applies to main_ppo; name a global_step_N folder to start from it)",
+                  flush=True)
+
+    def collect(self) -> Batch:
+        """Every training game, sft.samples_per_game teacher-forced episodes each."""
+        cfg, rt = self.cfg, self.runtime
         t0 = time.perf_counter()
-        games, size = trainer.train_games, cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
+        games, size = rt.train_games, cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
         teacher = make_teacher(cfg)
-        parts = [trainer.rollout(games[i:i + size], cfg.sft.samples_per_game, SamplingParams(), f"sft{i}", {},
-                                  teacher=teacher) for i in range(0, len(games), size)]
+        parts = [rt.rollout(games[i:i + size], cfg.sft.samples_per_game, SamplingParams(), f"sft{i}", {},
+                            teacher=teacher) for i in range(0, len(games), size)]
         data = Batch.concat(parts)
         won = float(data.ids["won"].mean())
         print(f"sft: {len(data)} {cfg.sft.teacher}-teacher trajectories (won {won:.2f}), "
               f"{int(data['response_mask'].sum())} target tokens, collected in {time.perf_counter() - t0:.1f}s")
-        metrics = {}
+        return data
+
+    def train(self, data: Batch) -> dict:
+        """sft.epochs passes over `data` (seeded order), then the actor is exported as an HF folder."""
+        cfg, rt = self.cfg, self.runtime
+        metrics: dict = {}
         for epoch in range(cfg.sft.epochs):
-            order = trainer.rng_permutation(len(data), epoch)
+            order = rt.rng_permutation(len(data), epoch)
             # an epoch is SFT's training step: lr_scheduler_type=cosine decays over the epochs
-            metrics = trainer.workers.update_actor(data.select(order), loss="sft", progress=epoch / cfg.sft.epochs)
-            trainer.tracker.log({"sft/epoch": epoch} | metrics, step=epoch)
-        trainer.workers.sync_weights()
-        trainer.workers.export_hf(str(trainer.out_dir / "hf_actor"))
-        print(f"sft: wrote {trainer.out_dir / 'hf_actor'}")
+            metrics = rt.workers.update_actor(data.select(order), loss="sft", progress=epoch / cfg.sft.epochs)
+            rt.tracker.log({"sft/epoch": epoch} | metrics, step=epoch)
+        rt.workers.sync_weights()
+        rt.workers.export_hf(str(rt.out_dir / "hf_actor"))
+        print(f"sft: wrote {rt.out_dir / 'hf_actor'}")
         return metrics
+
+    def shutdown(self) -> None:
+        self.runtime.shutdown()
+
+
+def run_sft(cfg: DictConfig) -> dict:
+    validated(cfg)
+    driver = SFTDriver(cfg)
+    try:
+        return driver.train(driver.collect())
     finally:
-        trainer.shutdown()
+        driver.shutdown()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="alfworld_dapo_tiny", version_base=None)

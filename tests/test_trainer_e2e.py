@@ -27,7 +27,7 @@ REQUIRED_KEYS = [
     "step", "train/success_rate", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
     "actor/grad_norm", "rollout/probs_diff_mean", "response_length/mean", "episode/num_turns_mean",
     "episode/format_errors_mean", "episode/invalid_actions_mean", "episode/projected_actions_mean",
-    "dynamic_sampling/kept_groups",
+    "dynamic_sampling/kept_groups", "dynamic_sampling/empty_step", "dynamic_sampling/empty_steps",
     "dynamic_sampling/num_gen_batches", "timing/step", "timing/gen", "timing/env", "timing/old_log_prob", "timing/ref",
     "timing/update_actor", "timing/sync_weights", "perf/tokens_per_s",
 ]
@@ -92,6 +92,7 @@ def test_e2e_metrics_checkpoints_export(full_run):
         assert rows[step]["rollout/probs_diff_mean"] < 1e-4
         assert 0 <= rows[step]["train/success_rate"] <= 1
         assert rows[step]["timing/step"] > 0 and rows[step]["perf/tokens_per_s"] > 0
+        assert (rows[step]["dynamic_sampling/empty_step"], rows[step]["dynamic_sampling/empty_steps"]) == (0, 0)
     assert "val/success_rate" in rows[0] and "val/success_rate" in rows[3]
     # cosine: lr · ½(1 + cos(π·k/3)) at training step k+1 (tiny recipe lr 2e-4)
     assert [rows[k]["actor/lr"] for k in (1, 2, 3)] == pytest.approx([2e-4, 1.5e-4, 0.5e-4], rel=1e-9)
@@ -179,16 +180,53 @@ def test_env_actor_killed_mid_rollout(tiny_model_dir, gen_data, tmp_path):
     assert trainer.pool.num_restarts >= 1
 
 
-def test_sft_warm_start_on_walkthroughs(tiny_model_dir, gen_data, tmp_path):
-    """The SFT command reuses the actor worker: teacher-forced walkthroughs win, the loss falls, and a
-    cosine schedule decays over the epochs."""
-    out = tmp_path / "sft"
-    overrides = small_overrides(tiny_model_dir, gen_data, out) + [
-        "sft.epochs=3", "env.max_steps=12", "sft.lr=1e-3", "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine"]
+def test_empty_steps_are_said(tiny_model_dir, gen_data, tmp_path):
+    """Dynamic sampling on with the random-init model: no episode wins, every group is dropped. Each such
+    step says so in one line and counts it; the run says at the end that most steps trained on nothing."""
+    out = tmp_path / "empty"
+    proc = subprocess.run(cli(small_overrides(tiny_model_dir, gen_data, out) + [
+        "algorithm.dapo.dynamic_sampling.enable=true", "algorithm.dapo.dynamic_sampling.max_num_gen_batches=1",
+        "trainer.total_training_steps=2", "trainer.val_before_train=false", "trainer.test_freq=0",
+        "trainer.save_freq=0", "trainer.export_hf=false"]),
+                          check=False, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    step_line = ("warning: step {} trained on nothing: dynamic sampling (mode=strict, metric=acc) dropped every "
+                 "group of 1 generation batch(es) (train success rate 0.00); the weights did not change").format
+    run_line = ("warning: 2 of 2 training steps of this run trained on nothing (dynamic_sampling/empty_steps): the "
+                "policy barely changed. A model that never (or always) wins gives no signal: start from a warm start, "
+                "python -m agentevolver.sft, then main_ppo with actor_rollout_ref.model.path=<its "
+                "trainer.default_local_dir>/hf_actor (README, Running)")
+    assert warnings == [step_line(1), step_line(2), run_line], proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [(rows[s]["dynamic_sampling/empty_step"], rows[s]["dynamic_sampling/empty_steps"]) for s in (1, 2)] == [
+        (1.0, 1), (1.0, 2)]
+    assert all("actor/pg_loss" not in rows[s] for s in (1, 2))
+
+
+def run_sft(overrides: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "agentevolver.sft", "--config-name", "alfworld_dapo_tiny",
                            *overrides], check=False, cwd=REPO, env=env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def sft_overrides(model: Path, data: Path, out: Path) -> list[str]:
+    return small_overrides(model, data, out) + [
+        "sft.epochs=3", "env.max_steps=12", "sft.lr=1e-3", "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_model_dir, gen_data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("sft")
+    return out, run_sft(sft_overrides(tiny_model_dir, gen_data, out))
+
+
+def test_sft_warm_start_on_walkthroughs(sft_run):
+    """The SFT command reuses the actor worker: teacher-forced walkthroughs win, the loss falls, and a
+    cosine schedule decays over the epochs."""
+    out, proc = sft_run
     assert "explore-teacher trajectories (won 1.00)" in proc.stdout  # detours + walkthrough still win
     rows = [row for _, row in sorted(read_metrics(out).items())]
     losses = [row["actor/sft_loss"] for row in rows]
@@ -197,3 +235,19 @@ def test_sft_warm_start_on_walkthroughs(tiny_model_dir, gen_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "hf_actor")
+
+
+def test_sft_never_resumes_from_dapo_checkpoints(sft_run, full_run, tiny_model_dir, gen_data, tmp_path):
+    """SFT in a folder holding DAPO checkpoints, resume_mode=auto (the default): it starts from model.path,
+    says so, and its first epoch is exactly that of the SFT run in an empty folder."""
+    import shutil
+
+    out = tmp_path / "dapo_then_sft"
+    shutil.copytree(full_run, out, ignore=shutil.ignore_patterns("metrics.jsonl", "hf_actor", "wandb"))
+    assert sorted(p.name for p in out.glob("global_step_*")) == ["global_step_2", "global_step_3"]
+    proc = run_sft(sft_overrides(tiny_model_dir, gen_data, out) + ["trainer.resume_mode=auto"])
+    assert "resumed from" not in proc.stdout
+    assert (f"sft: starting from {tiny_model_dir}, not from the checkpoints in {out} (resume_mode=auto applies "
+            "to main_ppo; name a global_step_N folder to start from it)") in proc.stdout
+    first, fresh = read_metrics(out)[0], read_metrics(sft_run[0])[0]
+    assert first["actor/sft_loss"] == pytest.approx(fresh["actor/sft_loss"], rel=1e-6)

@@ -1,6 +1,6 @@
 """The Ray trainer (single controller): DAPO / GRPO on ALFWorld, driven by one validated config.
 
-One step (DESIGN §1): sample tasks → multi-turn rollouts on the env pool (each task n times = one
+One step (`fit`, one line per stage): sample tasks → multi-turn rollouts on the env pool (each task n times = one
 GRPO group) → reward shaping → dynamic sampling (drop zero-variance groups, refill) → old / ref
 log-probs → advantages → FSDP2 actor update (token-mean over the mini-batch's global token count)
 → weight sync to the rollout engines → metrics, validation, checkpoint.
@@ -12,6 +12,7 @@ import contextlib
 import os
 import pickle
 import random
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -45,8 +46,9 @@ def timer(name: str, timings: dict[str, float]):
 
 
 class RayTrainer:
-    def __init__(self, cfg: DictConfig) -> None:
-        """`cfg` must already be validated (`main_ppo.validated`), before anything here starts."""
+    def __init__(self, cfg: DictConfig, resume: bool = True) -> None:
+        """`cfg` must already be validated (`main_ppo.validated`), before anything here starts.
+        resume=False never looks at checkpoints (the SFT driver: it does not continue RL runs)."""
         self.cfg = cfg
         self.out_dir = Path(cfg.trainer.default_local_dir)
         self._seed_everything(cfg.trainer.seed)
@@ -69,10 +71,11 @@ class RayTrainer:
         self.use_ref = ref_enabled(cfg)
         self.ckpt = CheckpointManager(self.out_dir, cfg.trainer.max_ckpt_to_keep)
         self.global_step, self.epoch, self.cursor = 0, 0, 0
+        self.empty_steps = 0  # steps whose whole batch dynamic sampling dropped (no update), kept across resumes
         self.order: list[int] = []
         self.batches_per_epoch = max(1, len(self.train_games) // cfg.data.train_batch_size)
         self.total_steps = cfg.trainer.total_training_steps or self.batches_per_epoch * cfg.trainer.total_epochs
-        wandb_id = self._maybe_resume()
+        wandb_id = self._maybe_resume() if resume else None
         self.tracker = Tracking(cfg, self.out_dir, wandb_run_id=wandb_id)
 
     # ------------------------------------------------------------------ the loop
@@ -89,6 +92,7 @@ class RayTrainer:
         from tqdm import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True)
+        first_step, first_empty = self.global_step, self.empty_steps
         while self.global_step < self.total_steps:
             timings = {"ref": 0.0}  # logged every step; stays 0 when no reference policy is configured
             metrics: dict = {}
@@ -107,6 +111,10 @@ class RayTrainer:
                         metrics |= self.workers.update_actor(batch, progress=self.global_step / self.total_steps)
                     with timer("sync_weights", timings):
                         self.workers.sync_weights()
+                else:
+                    self._warn_empty_step(metrics)
+                metrics["dynamic_sampling/empty_step"] = float(not len(batch))
+                metrics["dynamic_sampling/empty_steps"] = self.empty_steps
                 self.global_step += 1
                 is_last = self.global_step >= self.total_steps
                 if cfg.test_freq > 0 and (self.global_step % cfg.test_freq == 0 or is_last):
@@ -121,6 +129,7 @@ class RayTrainer:
             bar.set_postfix(success=f"{metrics.get('train/success_rate', float('nan')):.2f}")
             last = metrics
         bar.close()
+        self._warn_empty_run(self.global_step - first_step, self.empty_steps - first_empty)
         if self.cfg.trainer.export_hf:
             self.workers.export_hf(str(self.out_dir / "hf_actor"))
         return last
@@ -241,20 +250,40 @@ class RayTrainer:
             states = algos.gigpo_step_groups(batch.ids["uid"], batch.ids["anchor"])
             seen = Counter(states)
             metrics["gigpo/shared_state_frac"] = float(np.mean([seen[s] > 1 for s in states]))
-            ret = adv
         elif self.cfg.env.rollout_mode == "step":  # episode-level advantages (config_check: no KL in reward)
-            adv = ret = algos.compute_episode_advantage(cfg.adv_estimator, batch.ids["score"], batch.ids["uid"],
-                                                        batch.ids["episode_id"], batch.ids["is_last"],
-                                                        batch["response_mask"], cfg.norm_adv_by_std_in_grpo)
+            adv = algos.compute_episode_advantage(cfg.adv_estimator, batch.ids["score"], batch.ids["uid"],
+                                                  batch.ids["episode_id"], batch.ids["is_last"],
+                                                  batch["response_mask"], cfg.norm_adv_by_std_in_grpo)
         else:
             rewards = batch["token_level_rewards"]
             if cfg.use_kl_in_reward:
                 kl = algos.kl_penalty(batch["old_log_probs"], batch["ref_log_prob"], cfg.kl_penalty)
                 rewards = rewards - cfg.kl_ctrl.kl_coef * kl * batch["response_mask"]
             estimator = algos.get_adv_estimator(cfg.adv_estimator)
-            adv, ret = estimator(token_level_rewards=rewards, response_mask=batch["response_mask"],
-                                 index=batch.ids["uid"], norm_adv_by_std_in_grpo=cfg.norm_adv_by_std_in_grpo)
-        return Batch(batch.tensors | {"advantages": adv, "returns": ret}, batch.ids, batch.meta)
+            adv, _ = estimator(token_level_rewards=rewards, response_mask=batch["response_mask"],  # _: verl's returns,
+                               index=batch.ids["uid"], norm_adv_by_std_in_grpo=cfg.norm_adv_by_std_in_grpo)  # unused
+        return Batch(batch.tensors | {"advantages": adv}, batch.ids, batch.meta)
+
+    def _warn_empty_step(self, metrics: dict) -> None:
+        """One line for a step that trains on nothing (every group dropped, or every episode crashed)."""
+        self.empty_steps += 1
+        ds = self.cfg.algorithm.dapo.dynamic_sampling
+        why = (f"dynamic sampling (mode={ds.mode}, metric={ds.metric}) dropped every group of "
+               f"{metrics['dynamic_sampling/num_gen_batches']} generation batch(es)" if ds.enable
+               else "every episode ended in env_error")
+        print(f"warning: step {self.global_step + 1} trained on nothing: {why} (train success rate "
+              f"{metrics.get('train/success_rate', float('nan')):.2f}); the weights did not change",
+              file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _warn_empty_run(steps: int, empty: int) -> None:
+        """One line at the end of a run most of whose steps trained on nothing."""
+        if 2 * empty > steps:
+            print(f"warning: {empty} of {steps} training steps of this run trained on nothing "
+                  "(dynamic_sampling/empty_steps): the policy barely changed. A model that never (or always) wins "
+                  "gives no signal: start from a warm start, python -m agentevolver.sft, then main_ppo with "
+                  "actor_rollout_ref.model.path=<its trainer.default_local_dir>/hf_actor (README, Running)",
+                  file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> dict:
@@ -284,6 +313,7 @@ class RayTrainer:
     def _trainer_state(self) -> dict:
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         return {"global_step": self.global_step, "epoch": self.epoch, "cursor": self.cursor, "order": self.order,
+                "empty_steps": self.empty_steps,
                 "wandb_run_id": self.tracker.wandb_run_id,
                 "driver_rng": base64.b64encode(pickle.dumps(rng)).decode()}
 
@@ -299,6 +329,7 @@ class RayTrainer:
         self.workers.sync_weights()
         self.global_step, self.epoch, self.cursor = state["global_step"], state["epoch"], state["cursor"]
         self.order = state["order"]
+        self.empty_steps = state.get("empty_steps", 0)  # absent in checkpoints written before it was counted
         py_rng, np_rng, torch_rng = pickle.loads(base64.b64decode(state["driver_rng"]))  # our own file
         random.setstate(py_rng)
         np.random.set_state(np_rng)
