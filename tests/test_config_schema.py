@@ -19,6 +19,7 @@ from agentevolver.module.trainer.config_check import ConfigError, check_values
 from agentevolver.module.trainer.config_schema import (
     SCHEMA,
     Bool,
+    Dict,
     Int,
     ListOf,
     Num,
@@ -147,3 +148,13 @@ def test_checks():
     assert loggers.ok(["console", "file"]) and loggers.ok("wandb") and not loggers.ok(["tensorboard"])
     assert ListOf(Num(), length=2).ok([0.9, 0.99]) and not ListOf(Num(), length=2).ok([0.9])
     assert Bool().ok(False) and not Bool().ok("maybe") and not Bool().ok(0)
+    assert Dict(Num()).ok({"a": 1}) and Dict().ok({}) and not Dict(Num()).ok({"a": "x"}) and not Dict().ok([1])
+
+
+def test_free_form_mapping_is_one_key(monkeypatch):
+    from agentevolver.module.trainer import config_schema
+
+    cfg = OmegaConf.create({"a": {"kw": {"x": 1, "y": 2}, "empty": {}, "n": 3}})
+    assert leaf_keys(cfg) == ["a.kw.x", "a.kw.y", "a.empty", "a.n"]
+    monkeypatch.setitem(config_schema.SCHEMA, "a.kw", Dict(Num()))
+    assert leaf_keys(cfg) == ["a.kw", "a.empty", "a.n"]

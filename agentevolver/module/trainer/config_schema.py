@@ -1,6 +1,7 @@
 """The ONE declaration of what every config key may hold: `SCHEMA` (key -> check) and `RULES`.
 
     SCHEMA["trainer.test_freq"] = Int(min=1, off=0)      # one line per key of config/base.yaml
+    SCHEMA["x.engine_kwargs"] = Dict(Num())               # a free-form mapping is one key too
     RULES = (mini_batch_divides_rows, ...)                # checks that relate several keys
 
 Adding a key = its line (default + comment) in config/base.yaml and its line here; tests/test_config_schema.py
@@ -167,6 +168,23 @@ class ListOf(Check):
     def what(self) -> str:
         size = f"{self.length} " if self.length is not None else ""
         return f"a list of {size}items, each {self.item.what}"
+
+
+@dataclass(frozen=True)
+class Dict(Check):
+    """A free-form mapping (e.g. extra kwargs passed through): str keys, each value `value` accepts.
+    Its own keys are not schema keys: the walk stops at it."""
+
+    value: Check | None = None
+
+    def ok(self, value: Any) -> bool:
+        if not isinstance(value, (dict, DictConfig)):
+            return False
+        return all(isinstance(k, str) and (self.value is None or self.value.ok(v)) for k, v in value.items())
+
+    @property
+    def what(self) -> str:
+        return "a mapping" + (f" whose values are each {self.value.what}" if self.value else "")
 
 
 @dataclass(frozen=True)
@@ -358,14 +376,15 @@ RULES: tuple[Callable[[DictConfig], None], ...] = (
 
 # ----------------------------------------------------------------------------- applying it
 def leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted keys of every leaf (a list is a leaf), without resolving interpolations."""
+    """Dotted keys of every leaf, without resolving interpolations. Leaves: values, lists, empty
+    mappings, and the keys SCHEMA declares as a `Dict` (free-form)."""
     keys = []
     for k in node:
-        child = node._get_node(k)
-        if OmegaConf.is_dict(child):
-            keys += leaf_keys(child, f"{prefix}{k}.")
+        key, child = f"{prefix}{k}", node._get_node(k)
+        if OmegaConf.is_dict(child) and len(child) and not isinstance(SCHEMA.get(key), Dict):
+            keys += leaf_keys(child, f"{key}.")
         else:
-            keys.append(f"{prefix}{k}")
+            keys.append(key)
     return keys
 
 
