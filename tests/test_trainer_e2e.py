@@ -190,7 +190,7 @@ def test_empty_steps_are_said(tiny_model_dir, gen_data, tmp_path):
         "trainer.save_freq=0", "trainer.export_hf=false"]),
                           check=False, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    warnings = [line[line.index("warning: "):] for line in proc.stderr.splitlines() if "warning: " in line]
     step_line = ("warning: step {} trained on nothing: dynamic sampling (mode=strict, metric=acc) dropped every "
                  "group of 1 generation batch(es) (train success rate 0.00); the weights did not change").format
     run_line = ("warning: 2 of 2 training steps of this run trained on nothing (dynamic_sampling/empty_steps): the "

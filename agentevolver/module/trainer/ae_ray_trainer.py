@@ -271,9 +271,11 @@ class RayTrainer:
         why = (f"dynamic sampling (mode={ds.mode}, metric={ds.metric}) dropped every group of "
                f"{metrics['dynamic_sampling/num_gen_batches']} generation batch(es)" if ds.enable
                else "every episode ended in env_error")
-        print(f"warning: step {self.global_step + 1} trained on nothing: {why} (train success rate "
-              f"{metrics.get('train/success_rate', float('nan')):.2f}); the weights did not change",
-              file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: step {self.global_step + 1} trained on nothing: {why} (train success rate "
+                   f"{metrics.get('train/success_rate', float('nan')):.2f}); the weights did not change",
+                   file=sys.stderr)  # tqdm.write: on its own line, not after the progress bar
 
     @staticmethod
     def _warn_empty_run(steps: int, empty: int) -> None:
