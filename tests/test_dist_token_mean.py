@@ -4,7 +4,8 @@ Each rank takes an uneven share of the rows, cuts it into micro-batches, aggrega
 with the GLOBAL token / sequence counts (summed over its micro-batches, all-reduced once over ranks),
 multiplies by world_size and back-propagates; gradients are then averaged over ranks as FSDP/DDP do.
 The result must equal a single process's full-batch gradient. The seed source's per-micro-batch
-normalisation is shown to be off.
+normalisation is shown to be off. Every policy-loss mode is checked the same way (clip_cov / kl_cov with
+the whole batch's token selection handed to each piece: see het_core_algos.compute_policy_loss_clip_cov).
 """
 import os
 import socket
@@ -16,8 +17,13 @@ import torch.multiprocessing as mp
 
 from agentevolver.module.exp_manager.het_core_algos import (
     AGG_LOSS_MODES,
+    POLICY_LOSS_MODES,
+    PolicyLossParams,
+    clip_cov_select,
     count_tokens_and_seqs,
     dapo_compute_policy_loss,
+    get_policy_loss_fn,
+    kl_cov_select,
 )
 
 WORLD = 2
@@ -50,6 +56,46 @@ def make_setup():
         old = model(tokens) + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)  # some tokens clip
     adv = torch.randn(B, 1, generator=gen, dtype=torch.float64).expand(B, T) * mask
     return model, tokens, old, adv, mask
+
+
+PARAMS = PolicyLossParams(clip_cov_ratio=0.2, clip_cov_lb=-1.0, clip_cov_ub=5.0, kl_cov_ratio=0.2)
+
+
+def whole_batch_selection(loss_mode: str) -> dict[str, torch.Tensor]:
+    """clip_cov / kl_cov: the token choice made once over the whole batch (then sliced per piece)."""
+    model, tokens, old, adv, mask = make_setup()
+    with torch.no_grad():
+        logp = model(tokens)
+    if loss_mode == "kl_cov":
+        return {"cov_mask": kl_cov_select(adv, logp, mask, PARAMS.kl_cov_ratio)}
+    if loss_mode == "clip_cov":
+        ratio = torch.exp(logp - old)
+        clipped = -adv * ratio.clamp(0.8, 1.28) > -adv * ratio
+        return {"cov_mask": clip_cov_select(adv, logp, mask, clipped, PARAMS.clip_cov_ratio, PARAMS.clip_cov_lb,
+                                            PARAMS.clip_cov_ub, torch.Generator().manual_seed(0))}
+    return {}
+
+
+def mode_grads(loss_mode: str, mode: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full-batch gradient, data-parallel gradient) of one policy-loss mode with one aggregation."""
+    fn, sel = get_policy_loss_fn(loss_mode), whole_batch_selection(loss_mode)
+    model, tokens, old, adv, mask = make_setup()
+    fn(old, model(tokens), adv, mask, PARAMS, loss_agg_mode=mode, **sel)["pg_loss"].backward()
+    full = flat_grad(model)
+    model, tokens, old, adv, mask = make_setup()
+    micro = RANK_ROWS[rank]
+    counts = torch.zeros(2, dtype=torch.int64)
+    for rows in micro:
+        counts += torch.stack(count_tokens_and_seqs(mask[rows]))
+    dist.all_reduce(counts)
+    for rows in micro:
+        loss = fn(old[rows], model(tokens[rows]), adv[rows], mask[rows], PARAMS, loss_agg_mode=mode,
+                  global_tokens=counts[0], global_seqs=counts[1], **{k: v[rows] for k, v in sel.items()})["pg_loss"]
+        (loss * WORLD).backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= WORLD
+    return full, flat_grad(model)
 
 
 def flat_grad(model: torch.nn.Module) -> torch.Tensor:
@@ -92,6 +138,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             ref = full_batch_grad(mode)
             result[mode] = ((data_parallel_grad(mode, rank, naive=False) - ref).abs().max().item(),
                             ref.abs().max().item())
+        for loss_mode in POLICY_LOSS_MODES:
+            for mode in AGG_LOSS_MODES:
+                full, dp = mode_grads(loss_mode, mode, rank)
+                result[f"{loss_mode}/{mode}"] = ((dp - full).abs().max().item(), full.abs().max().item())
         ref = full_batch_grad("token-mean")
         naive = data_parallel_grad("token-mean", rank, naive=True)
         result["naive_rel_err"] = ((naive - ref).norm() / ref.norm()).item()
@@ -112,7 +162,7 @@ def test_dp_micro_batches_reproduce_full_batch_gradient(tmp_path, monkeypatch):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        for mode in AGG_LOSS_MODES:
+        for mode in [*AGG_LOSS_MODES, *(f"{lm}/{m}" for lm in POLICY_LOSS_MODES for m in AGG_LOSS_MODES)]:
             err, scale = result[mode]
             assert scale > 1e-3, mode  # a real, non-vanishing gradient
             assert err < 1e-6, (mode, err)

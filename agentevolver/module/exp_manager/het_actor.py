@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from agentevolver.module.exp_manager.het_core_algos import (
+    PolicyLossParams,
     agg_loss,
     count_tokens_and_seqs,
-    dapo_compute_policy_loss,
     entropy_from_logits,
+    get_policy_loss_fn,
     kl_penalty,
 )
 from agentevolver.protocol import Batch, with_model_inputs
@@ -141,7 +142,7 @@ def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if loss not in LOSSES:
         raise ValueError(f"unknown actor loss {loss!r}; valid: {', '.join(LOSSES)}")
     _, world_size = world()
-    keys = _required_keys(loss, config) + (("exp_mask",) if "exp_mask" in batch else ())
+    keys = _required_keys(loss, config) + tuple(k for k in ("exp_mask", "rollout_is_weights") if k in batch)
     t = _tensors(batch, keys)
     n_local = t["responses"].shape[0]
     n_global = int(all_reduce(torch.tensor([n_local])).item())
@@ -192,11 +193,14 @@ def _micro_loss(loss: str, config: Any, mb: dict[str, torch.Tensor], mask: torch
     if loss == "sft":
         total = agg_loss(-logp, mask, "token-mean", global_tokens=g_tokens)
         return total, [total.item(), 0.0, 0.0, 0.0, 0.0, ent_sum]
-    mode, scale = config.loss_agg_mode, config.loss_scale_factor
-    out = dapo_compute_policy_loss(
-        mb["old_log_probs"].float(), logp, mb["advantages"].float(), mask, exp_mask=mb.get("exp_mask"),
-        cliprange_low=config.clip_ratio_low, cliprange_high=config.clip_ratio_high,
-        clip_ratio_c=config.clip_ratio_c, loss_agg_mode=mode, off_cliprange_high=config.off_cliprange_high,
+    mode, scale, pl = config.loss_agg_mode, config.loss_scale_factor, config.policy_loss
+    params = PolicyLossParams(config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c,
+                              config.off_cliprange_high, pl.clip_cov_ratio, pl.clip_cov_lb, pl.clip_cov_ub,
+                              pl.kl_cov_ratio, pl.ppo_kl_coef)
+    weights = mb.get("rollout_is_weights")
+    out = get_policy_loss_fn(pl.loss_mode)(
+        mb["old_log_probs"].float(), logp, mb["advantages"].float(), mask, params, exp_mask=mb.get("exp_mask"),
+        rollout_is_weights=None if weights is None else weights.float(), loss_agg_mode=mode,
         global_tokens=g_tokens, global_seqs=g_seqs, loss_scale_factor=scale)
     total, kl_share = out["pg_loss"], 0.0
     if entropy_coeff != 0:

@@ -27,6 +27,7 @@ from agentevolver.alfworld.data import GameSpec, detect_command_wording, list_ga
 from agentevolver.alfworld.pool import EnvPool
 from agentevolver.module.agent_flow.llm_policy import LLMPolicy
 from agentevolver.module.exp_manager import het_core_algos as algos
+from agentevolver.module.exp_manager import rollout_corr
 from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
 from agentevolver.module.trainer.tracking import Tracking
 from agentevolver.protocol import Batch
@@ -230,6 +231,11 @@ class RayTrainer:
 
     # ------------------------------------------------------------------ learning
     def _compute_old_log_prob(self, batch: Batch, metrics: dict) -> Batch:
+        """old_log_probs from the actor — or, in bypass_mode, the rollout's own (no forward pass) —
+        then rollout correction: IS weights and the rejection mask (`rollout_corr`)."""
+        corr = self.cfg.algorithm.rollout_correction
+        if corr.bypass_mode:  # π_old := π_rollout: the PPO ratio is taken against the sampler itself
+            return Batch(batch.tensors | {"old_log_probs": batch["rollout_log_probs"].clone()}, batch.ids, batch.meta)
         batch = batch.union(self.workers.compute_log_prob(batch))
         mask = batch["response_mask"]
         diff = (batch["old_log_probs"].exp() - batch["rollout_log_probs"].exp()).abs()
@@ -237,7 +243,18 @@ class RayTrainer:
         metrics["rollout/probs_diff_max"] = (diff * mask).max().item() if mask.any() else 0.0
         metrics["rollout/log_probs_diff_mean"] = algos.masked_mean(
             (batch["old_log_probs"] - batch["rollout_log_probs"]).abs(), mask).item()
-        return batch
+        return self._rollout_correction(batch, metrics)
+
+    def _rollout_correction(self, batch: Batch, metrics: dict) -> Batch:
+        """rollout_corr/* metrics always; rollout_is_weights and the RS / veto mask when configured."""
+        c = self.cfg.algorithm.rollout_correction
+        weights, mask, corr_metrics = rollout_corr.compute_rollout_correction(
+            batch["old_log_probs"], batch["rollout_log_probs"], batch["response_mask"], c.rollout_is,
+            c.rollout_is_threshold, c.rollout_rs, c.rollout_rs_threshold, c.rollout_rs_threshold_lower,
+            c.rollout_token_veto_threshold)
+        metrics |= corr_metrics
+        tensors = {"response_mask": mask} | ({"rollout_is_weights": weights} if weights is not None else {})
+        return Batch(batch.tensors | tensors, batch.ids, batch.meta)
 
     def _compute_advantage(self, batch: Batch, metrics: dict) -> Batch:
         cfg = self.cfg.algorithm
