@@ -55,6 +55,7 @@ CASES = [
     (["actor_rollout_ref.actor.optim.lr_scheduler_type=linear"], "lr_scheduler_type='linear'", "cosine"),
     (["actor_rollout_ref.actor.optim.min_lr_ratio=2"], "min_lr_ratio=2", "and <= 1"),
     (["actor_rollout_ref.rollout.name=sglang"], "actor_rollout_ref.rollout.name='sglang'", "hf, vllm"),
+    (["actor_rollout_ref.actor.policy_loss.loss_mode=ppo"], "policy_loss.loss_mode='ppo'", "gspo, clip_cov"),
 ]
 
 
@@ -125,3 +126,49 @@ def test_valid_tiny_config_passes(shared_alfworld, fake_model):
             f"actor_rollout_ref.model.path={fake_model}", f"env.alfworld.data_dir={shared_alfworld}",
             "env.alfworld.train_split=valid_train"])
     validate_config(cfg)
+
+
+LOSS_AND_CORRECTION_CASES = [  # (overrides, text in the one-line error)
+    (["actor_rollout_ref.actor.policy_loss.loss_mode=sapo"], "vanilla, gspo, clip_cov, kl_cov, cispo"),
+    (["actor_rollout_ref.actor.policy_loss.loss_mode=gspo", "actor_rollout_ref.actor.off_cliprange_high=0.5"],
+     "actor_rollout_ref.actor.off_cliprange_high=0.5 is invalid: only loss_mode=vanilla"),
+    (["actor_rollout_ref.actor.policy_loss.clip_cov_ratio=0"], "clip_cov_ratio=0 is invalid: must be > 0"),
+    (["actor_rollout_ref.actor.policy_loss.kl_cov_ratio=1.5"], "kl_cov_ratio=1.5 is invalid: must be <= 1"),
+    (["actor_rollout_ref.actor.policy_loss.clip_cov_ub=0.5"], "clip_cov_ub=0.5 is invalid: must be > 1.0"),
+    (["actor_rollout_ref.actor.policy_loss.ppo_kl_coef=-1"], "ppo_kl_coef=-1 is invalid: must be >= 0"),
+    (["algorithm.rollout_correction.rollout_is=geometric"], "valid values are null, token, sequence"),
+    (["algorithm.rollout_correction.rollout_rs=tokens"], "valid values are null, token, sequence, geometric"),
+    (["algorithm.rollout_correction.rollout_is_threshold=0"], "rollout_is_threshold=0 is invalid: must be > 0"),
+    (["algorithm.rollout_correction.rollout_rs_threshold=-2"], "rollout_rs_threshold=-2 is invalid"),
+    (["algorithm.rollout_correction.rollout_rs_threshold=1.5",
+      "algorithm.rollout_correction.rollout_rs_threshold_lower=2"], "rollout_rs_threshold_lower=2 is invalid: must be <= 1.5"),
+    (["algorithm.rollout_correction.rollout_token_veto_threshold=0"], "rollout_token_veto_threshold=0 is invalid"),
+    (["algorithm.rollout_correction.bypass_mode=maybe"], "bypass_mode='maybe' is invalid: valid values are true, false"),
+    (["algorithm.rollout_correction.bypass_mode=true", "algorithm.rollout_correction.rollout_is=token"],
+     "rollout_is='token' is invalid: algorithm.rollout_correction.bypass_mode=true sets pi_old = pi_rollout"),
+]
+
+
+@pytest.mark.parametrize("overrides,text", LOSS_AND_CORRECTION_CASES,
+                         ids=[c[0][-1].split(".")[-1] for c in LOSS_AND_CORRECTION_CASES])
+def test_policy_loss_and_rollout_correction_keys(overrides, text, fake_model):
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("alfworld_dapo_tiny", overrides=[f"actor_rollout_ref.model.path={fake_model}", *overrides])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, check_env=False)
+    assert text in str(err.value) and len(str(err.value).splitlines()) == 1, str(err.value)
+
+
+def test_policy_loss_and_rollout_correction_defaults_and_valid_settings(fake_model):
+    good = [[], ["actor_rollout_ref.actor.policy_loss.loss_mode=kl_cov"],
+            ["algorithm.rollout_correction.rollout_is=token", "algorithm.rollout_correction.rollout_rs=geometric",
+             "algorithm.rollout_correction.rollout_rs_threshold=1.01",
+             "algorithm.rollout_correction.rollout_token_veto_threshold=1e-4"],
+            ["algorithm.rollout_correction.bypass_mode=true", "actor_rollout_ref.actor.policy_loss.loss_mode=gspo"]]
+    for overrides in good:
+        with initialize_config_dir(CONFIG_DIR, version_base=None):
+            cfg = compose("alfworld_dapo_tiny", overrides=[f"actor_rollout_ref.model.path={fake_model}", *overrides])
+        validate_config(cfg, check_env=False)
+    corr = cfg.algorithm.rollout_correction
+    assert (corr.rollout_is_threshold, corr.rollout_rs, corr.rollout_rs_threshold_lower) == (2.0, None, None)
+    assert cfg.actor_rollout_ref.actor.policy_loss.clip_cov_ratio == 0.0002
