@@ -161,6 +161,26 @@ def test_update_same_on_1_and_2_ranks_and_any_micro_batch(model_dir, tmp_path):
     assert m1["actor/skipped_steps"] == 0 and m1["actor/grad_norm"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_mode", ["gspo", "cispo"])
+def test_loss_mode_and_is_weights_through_the_actor_on_any_split(model_dir, tmp_path, loss_mode):
+    """policy_loss.loss_mode and the trainer's rollout_is_weights reach the loss through the real actor:
+    the same update on 1 rank (micro-batches 4 and 1) and on 2 ranks, and the weights change it."""
+    cfg = make_config(model_dir, **{"actor.policy_loss.loss_mode": loss_mode, "actor.grad_clip": 1e9,
+                                    "actor.ppo_epochs": 2})
+    batch = make_batch(7)
+    g = torch.Generator().manual_seed(3)
+    weights = (0.2 + 1.8 * torch.rand(batch["response_mask"].shape, generator=g)) * batch["response_mask"]
+    weighted = Batch(batch.tensors | {"rollout_is_weights": weights}, batch.ids)
+    one = run_ranks(1, "update", tmp_path, config=cfg, batch=weighted, mbs=[4, 1], ckpt=str(tmp_path / "c1"))
+    two = run_ranks(2, "update", tmp_path, config=cfg, batch=weighted, mbs=[1], ckpt=str(tmp_path / "c2"))
+    plain = run_ranks(1, "update", tmp_path, config=cfg, batch=batch, mbs=[4], ckpt=str(tmp_path / "c3"))
+    assert max_diff(one[4][0], one[1][0]) < 1e-5 and max_diff(one[4][0], two[1][0]) < 1e-5
+    assert max_diff(one[4][0], plain[4][0]) > 1e-4  # the weights are applied
+    for k in ("actor/pg_loss", "actor/grad_norm", "actor/pg_clipfrac", "actor/ppo_kl"):
+        assert math.isclose(one[4][1][k], two[1][1][k], rel_tol=1e-5, abs_tol=1e-7), k
+
+
 def test_checkpoint_resume_gives_identical_next_update(model_dir, tmp_path):
     cfg = make_config(model_dir, **{"actor.optim.lr_warmup_steps": 3, "actor.loss_agg_mode": "seq-mean-token-mean"})
     res = run_ranks(2, "checkpoint", tmp_path, config=cfg, batch=make_batch(6), ckpt=str(tmp_path / "ckpt"),
