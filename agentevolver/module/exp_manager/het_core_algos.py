@@ -4,7 +4,9 @@ The policy loss is verl's vanilla PPO loss with DAPO's decoupled clip ("clip-hig
 https://arxiv.org/abs/2503.14476) and dual-clip (https://arxiv.org/abs/1912.09729); `agg_loss`
 turns the per-token matrix into a scalar and, given the *global* token / sequence counts of the
 mini-batch, returns each micro-batch's exact share, so micro-batches and data-parallel ranks add up
-to the whole-batch loss and gradient (README, "How token-mean is exact").
+to the whole-batch loss and gradient (README, "How token-mean is exact"). `get_policy_loss_fn` is the one
+registry of policy losses (verl's `actor.policy_loss.loss_mode`): vanilla (the DAPO loss above), gspo,
+clip_cov, kl_cov, cispo.
 """
 from __future__ import annotations
 
