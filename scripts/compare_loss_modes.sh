@@ -11,7 +11,7 @@ LOCK="flock /tmp/ae_heavy.lock"
 MODEL=models/tiny-qwen2
 DATA=$OUT/data
 COMMON=(env.alfworld.data_dir="$DATA" trainer.seed="$SEED" data.seed="$SEED" trainer.resume_mode=disable)
-[ -f $MODEL/config.json ] || $LOCK $PY -m agentevolver.models.build_tiny --out $MODEL
+[ -f $MODEL/config.json ] || $PY -m agentevolver.models.build_tiny --out $MODEL  # no Ray, no gloo: no lock
 if [ ! -d "$DATA/json_2.1.1/train" ]; then  # the demo's games (agentevolver/demo.py defaults)
   KNOBS=(--min-receptacles 3 --max-receptacles 4 --distractors 0 --closed-fraction 0.0)
   $PY -m agentevolver.alfworld generate --out "$DATA" --num-games 128 --seed $((1000 * SEED)) --split train "${KNOBS[@]}"
