@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from test_core_algos import lengths_mask, random_partition
 
 from agentevolver.module.exp_manager.het_core_algos import (
     AGG_LOSS_MODES,
@@ -21,10 +22,6 @@ TOL = {"rtol": 0, "atol": 1e-6}
 # cov bounds wide enough that the random batches below have candidates; ratios large enough that k > 1
 PARAMS = PolicyLossParams(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, clip_cov_ratio=0.2,
                           clip_cov_lb=-0.5, clip_cov_ub=5.0, kl_cov_ratio=0.15, ppo_kl_coef=0.7)
-
-
-def lengths_mask(lengths, T):
-    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).to(torch.float64)
 
 
 def batch(seed, B=6, T=9, empty_row=2):
@@ -188,13 +185,6 @@ def test_gspo_gradient_is_the_sequence_ratio_times_mean_log_prob_gradient():
 
 
 # ----------------------------------------------------------------------------- split invariance
-def random_partition(B, rng):
-    rows = list(range(B))
-    rng.shuffle(rows)
-    cuts = sorted(rng.sample(range(1, B), rng.randint(1, B - 1)))
-    return [rows[a:b] for a, b in zip([0] + cuts, cuts + [B])]
-
-
 @pytest.mark.parametrize("mode", POLICY_LOSS_MODES)
 @pytest.mark.parametrize("agg", AGG_LOSS_MODES)
 def test_every_mode_is_split_invariant_given_its_selection(mode, agg):
