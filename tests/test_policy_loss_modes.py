@@ -2,10 +2,16 @@
 plain Python reference loops over rows and tokens — values and gradients to 1e-6 — and their split invariance."""
 import math
 import random
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_core_algos import lengths_mask, random_partition
+
+from agentevolver.protocol import Batch
+
+REPO = Path(__file__).resolve().parents[1]
 
 from agentevolver.module.exp_manager.het_core_algos import (
     AGG_LOSS_MODES,
@@ -355,3 +361,46 @@ def test_no_correction_keeps_the_mask_and_reports_kl():
     assert zero["rollout_corr/rollout_is_eff_sample_size"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="token, sequence"):
         compute_rollout_correction(old, rollout, mask, "geometric")
+
+
+# ----------------------------------------------------------------------------- the trainer's batch contract
+class LogProbWorkers:
+    """The one worker call this stage makes: old log-probs for the batch's rows (here: known values)."""
+
+    def __init__(self, old):
+        self.old, self.calls = old, 0
+
+    def compute_log_prob(self, batch):
+        self.calls += 1
+        return Batch({"old_log_probs": self.old}, {"traj_id": batch.ids["traj_id"]})
+
+
+def trainer_stage(overrides, old, rollout, mask):
+    from omegaconf import OmegaConf
+
+    from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
+
+    trainer = RayTrainer.__new__(RayTrainer)  # only the old-log-prob stage: no Ray, no workers started
+    trainer.cfg = OmegaConf.merge(OmegaConf.load(REPO / "config" / "base.yaml"), OmegaConf.from_dotlist(overrides))
+    trainer.workers = LogProbWorkers(old)
+    batch = Batch({"rollout_log_probs": rollout, "response_mask": mask},
+                  {"traj_id": np.array([f"t{i}" for i in range(len(mask))])})
+    metrics = {}
+    return trainer._compute_old_log_prob(batch, metrics), metrics, trainer.workers.calls
+
+
+def test_trainer_adds_weights_and_mask_and_bypass_skips_the_pass():
+    old, rollout, mask = rollout_batch(0)
+    out, metrics, calls = trainer_stage([], old, rollout, mask)
+    assert calls == 1 and "rollout_is_weights" not in out and torch.equal(out["response_mask"], mask)
+    assert metrics["rollout_corr/kl"] == pytest.approx(((rollout - old) * mask).sum().item() / mask.sum().item())
+    corr = "algorithm.rollout_correction"
+    out, metrics, _ = trainer_stage([f"{corr}.rollout_is=token", f"{corr}.rollout_is_threshold=1.2",
+                                     f"{corr}.rollout_rs=token", f"{corr}.rollout_rs_threshold=1.4"], old, rollout, mask)
+    weights, new_mask, expect = compute_rollout_correction(old, rollout, mask, "token", 1.2, "token", 1.4)
+    assert torch.equal(out["rollout_is_weights"], weights) and torch.equal(out["response_mask"], new_mask)
+    assert all(metrics[k] == v for k, v in expect.items()) and expect["rollout_corr/masked_fraction"] > 0
+    assert torch.equal(out["old_log_probs"], old)
+    out, metrics, calls = trainer_stage([f"{corr}.bypass_mode=true"], old, rollout, mask)
+    assert calls == 0 and torch.equal(out["old_log_probs"], rollout) and torch.equal(out["response_mask"], mask)
+    assert not any(k.startswith("rollout_corr/") for k in metrics)
