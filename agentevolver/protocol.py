@@ -18,6 +18,8 @@ Tensor layout (P = padded prompt length, R = padded response length):
     rollout_log_probs  (B, R)   log-probs the rollout engine reported (0 off the mask)
     token_level_rewards(B, R)   the episode reward on the last model token
     old_log_probs / ref_log_prob / advantages  (B, R), added by later stages
+    rollout_is_weights (B, R)   rollout-correction IS weights (0 off the mask), only when
+                                algorithm.rollout_correction.rollout_is is set; RS / veto lower response_mask
 Per-row ids: traj_id (unique), uid (GRPO group = task instance), task_id, task_type,
 finish_reason, num_turns, policy_version, ...
 """

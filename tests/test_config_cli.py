@@ -134,7 +134,7 @@ LOSS_AND_CORRECTION_CASES = [  # (overrides, text in the one-line error)
      "actor_rollout_ref.actor.off_cliprange_high=0.5 is invalid: only loss_mode=vanilla"),
     (["actor_rollout_ref.actor.policy_loss.clip_cov_ratio=0"], "clip_cov_ratio=0 is invalid: must be > 0"),
     (["actor_rollout_ref.actor.policy_loss.kl_cov_ratio=1.5"], "kl_cov_ratio=1.5 is invalid: must be <= 1"),
-    (["actor_rollout_ref.actor.policy_loss.clip_cov_ub=0.5"], "clip_cov_ub=0.5 is invalid: must be > 1.0"),
+    (["actor_rollout_ref.actor.policy_loss.clip_cov_ub=0.5"], "clip_cov_ub=0.5 is invalid: must be > actor_rollout_ref.actor.policy_loss.clip_cov_lb (1.0)"),
     (["actor_rollout_ref.actor.policy_loss.ppo_kl_coef=-1"], "ppo_kl_coef=-1 is invalid: must be >= 0"),
     (["algorithm.rollout_correction.rollout_is=geometric"], "valid values are null, token, sequence"),
     (["algorithm.rollout_correction.rollout_rs=tokens"], "valid values are null, token, sequence, geometric"),

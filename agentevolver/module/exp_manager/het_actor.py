@@ -194,9 +194,10 @@ def _micro_loss(loss: str, config: Any, mb: dict[str, torch.Tensor], mask: torch
         total = agg_loss(-logp, mask, "token-mean", global_tokens=g_tokens)
         return total, [total.item(), 0.0, 0.0, 0.0, 0.0, ent_sum]
     mode, scale, pl = config.loss_agg_mode, config.loss_scale_factor, config.policy_loss
-    params = PolicyLossParams(config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c,
-                              config.off_cliprange_high, pl.clip_cov_ratio, pl.clip_cov_lb, pl.clip_cov_ub,
-                              pl.kl_cov_ratio, pl.ppo_kl_coef)
+    params = PolicyLossParams(
+        clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high, clip_ratio_c=config.clip_ratio_c,
+        off_cliprange_high=config.off_cliprange_high, clip_cov_ratio=pl.clip_cov_ratio, clip_cov_lb=pl.clip_cov_lb,
+        clip_cov_ub=pl.clip_cov_ub, kl_cov_ratio=pl.kl_cov_ratio, ppo_kl_coef=pl.ppo_kl_coef)
     weights = mb.get("rollout_is_weights")
     out = get_policy_loss_fn(pl.loss_mode)(
         mb["old_log_probs"].float(), logp, mb["advantages"].float(), mask, params, exp_mask=mb.get("exp_mask"),

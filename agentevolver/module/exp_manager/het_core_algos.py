@@ -239,8 +239,10 @@ def _ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.T
     """Detached masked means over this piece: pg_clipfrac, pg_clipfrac_lower, ppo_kl = mean(old - logp)."""
     with torch.no_grad():
         n = mask.sum()
-        zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
-        frac = (lambda flag: zero if flag is None else _safe_div(masked_sum(flag.to(mask.dtype), mask), n))
+
+        def frac(flag: torch.Tensor | None) -> torch.Tensor:
+            return mask.new_zeros(()) if flag is None else _safe_div(masked_sum(flag.to(mask.dtype), mask), n)
+
         return {"pg_clipfrac": frac(clipped), "pg_clipfrac_lower": frac(clipped_lower),
                 "ppo_kl": _safe_div(-masked_sum(log_ratio.detach(), mask), n)}
 
