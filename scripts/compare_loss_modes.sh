@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17's measurement: the CPU demo's warm start (seed S), then a SHORT DAPO phase (STEPS steps, held-out
-# evaluation before and after) per setting, same seeds. Each stage takes the shared lock on its own.
+# evaluation before and after) per setting, same seeds. SFT takes the shared lock, then the DAPO runs take it once.
 #   scripts/compare_loss_modes.sh OUT [SEED] [STEPS]
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: compare_loss_modes.sh OUT [SEED] [STEPS]}"); SEED=${2:-1}; STEPS=${3:-4}
@@ -25,15 +25,21 @@ run() {  # NAME OVERRIDES...
   local name=$1; shift
   [ -f "$OUT/$name/done" ] && return 0
   rm -f "$OUT/$name/metrics.jsonl"
-  $LOCK $PY -m agentevolver.main_ppo --config-name alfworld_dapo_tiny "${COMMON[@]}" \
+  $PY -m agentevolver.main_ppo --config-name alfworld_dapo_tiny "${COMMON[@]}" \
     actor_rollout_ref.model.path="$OUT/sft/hf_actor" trainer.default_local_dir="$OUT/$name" \
     trainer.val_before_train=true trainer.logger=[console,file] hydra.run.dir="$OUT/hydra/$name" \
     trainer.total_training_steps=$STEPS trainer.test_freq=$STEPS trainer.save_freq=0 trainer.export_hf=false "$@"
   touch "$OUT/$name/done"
 }
-run vanilla
-run gspo actor_rollout_ref.actor.policy_loss.loss_mode=gspo
-run clip_cov actor_rollout_ref.actor.policy_loss.loss_mode=clip_cov
-run vanilla_token_tis algorithm.rollout_correction.rollout_is=token
-run vanilla_bypass algorithm.rollout_correction.bypass_mode=true
+runs() {
+  run vanilla
+  run gspo actor_rollout_ref.actor.policy_loss.loss_mode=gspo
+  run clip_cov actor_rollout_ref.actor.policy_loss.loss_mode=clip_cov
+  run vanilla_token_tis algorithm.rollout_correction.rollout_is=token
+  run vanilla_bypass algorithm.rollout_correction.bypass_mode=true
+}
+exec 9>/tmp/ae_heavy.lock
+flock 9  # one acquisition for the five short runs (each re-queueing behind the other helpers costs more)
+runs
+flock -u 9
 $PY scripts/summarize_loss_modes.py "$OUT" vanilla gspo clip_cov vanilla_token_tis vanilla_bypass
