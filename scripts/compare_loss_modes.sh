@@ -28,7 +28,8 @@ run() {  # NAME OVERRIDES...
   $PY -m agentevolver.main_ppo --config-name alfworld_dapo_tiny "${COMMON[@]}" \
     actor_rollout_ref.model.path="$OUT/sft/hf_actor" trainer.default_local_dir="$OUT/$name" \
     trainer.val_before_train=true trainer.logger=[console,file] hydra.run.dir="$OUT/hydra/$name" \
-    trainer.total_training_steps=$STEPS trainer.test_freq=$STEPS trainer.save_freq=0 trainer.export_hf=false "$@"
+    trainer.total_training_steps=$STEPS trainer.test_freq=$STEPS trainer.save_freq=0 trainer.export_hf=false "$@" 9>&-
+  # 9>&-: Ray's processes must not inherit the lock's descriptor (one that outlived the run would hold it)
   touch "$OUT/$name/done"
 }
 runs() {
