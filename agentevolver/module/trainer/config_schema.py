@@ -28,9 +28,11 @@ from agentevolver.module.exp_manager.het_core_algos import (
     GIGPO_MODES,
     GROUP_ESTIMATORS,
     KL_PENALTIES,
+    POLICY_LOSS_MODES,
     REWARD_SHAPING_MODES,
     STEP_ESTIMATORS,
 )
+from agentevolver.module.exp_manager.rollout_corr import ROLLOUT_IS_LEVELS, ROLLOUT_RS_LEVELS
 from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
 from agentevolver.module.trainer.tracking import LOGGERS
 from agentevolver.sft import TEACHERS
@@ -225,6 +227,12 @@ SCHEMA: dict[str, Check] = {
     "actor_rollout_ref.actor.clip_ratio_high": Num(min=0),
     "actor_rollout_ref.actor.clip_ratio_c": Num(above=1),
     "actor_rollout_ref.actor.off_cliprange_high": Optional(Num(min=0), "clip_ratio_high"),
+    "actor_rollout_ref.actor.policy_loss.loss_mode": OneOf(POLICY_LOSS_MODES),
+    "actor_rollout_ref.actor.policy_loss.clip_cov_ratio": Num(above=0, max=1),
+    "actor_rollout_ref.actor.policy_loss.clip_cov_lb": Num(),
+    "actor_rollout_ref.actor.policy_loss.clip_cov_ub": Num(),
+    "actor_rollout_ref.actor.policy_loss.kl_cov_ratio": Num(above=0, max=1),
+    "actor_rollout_ref.actor.policy_loss.ppo_kl_coef": Num(min=0),
     "actor_rollout_ref.actor.use_kl_loss": Bool(),
     "actor_rollout_ref.actor.kl_loss_coef": Num(min=0),
     "actor_rollout_ref.actor.kl_loss_type": OneOf(KL_PENALTIES),
@@ -265,6 +273,13 @@ SCHEMA: dict[str, Check] = {
     "algorithm.use_kl_in_reward": Bool(),
     "algorithm.kl_penalty": OneOf(KL_PENALTIES),
     "algorithm.kl_ctrl.kl_coef": Num(min=0),
+    "algorithm.rollout_correction.rollout_is": Optional(OneOf(ROLLOUT_IS_LEVELS), "no IS weights"),
+    "algorithm.rollout_correction.rollout_is_threshold": Num(above=0),
+    "algorithm.rollout_correction.rollout_rs": Optional(OneOf(ROLLOUT_RS_LEVELS), "no rejection"),
+    "algorithm.rollout_correction.rollout_rs_threshold": Optional(Num(above=0), "rollout_is_threshold"),
+    "algorithm.rollout_correction.rollout_rs_threshold_lower": Optional(Num(above=0), "1 / upper"),
+    "algorithm.rollout_correction.rollout_token_veto_threshold": Optional(Num(above=0), "no veto"),
+    "algorithm.rollout_correction.bypass_mode": Bool(),
     "algorithm.dapo.dynamic_sampling.enable": Bool(),
     "algorithm.dapo.dynamic_sampling.mode": OneOf(DYNAMIC_SAMPLING_MODES),
     "algorithm.dapo.dynamic_sampling.metric": OneOf(DYNAMIC_SAMPLING_METRICS),
@@ -367,10 +382,35 @@ def overlong_buffer_fits_response(cfg: DictConfig) -> None:
              f"must be <= data.max_response_length ({budget})")
 
 
+def policy_loss_settings_agree(cfg: DictConfig) -> None:
+    """off_cliprange_high only in vanilla (the one mode reading exp_mask); clip_cov's bounds ordered."""
+    actor = cfg.actor_rollout_ref.actor
+    pl, key = actor.policy_loss, "actor_rollout_ref.actor.policy_loss"
+    if pl.loss_mode != "vanilla" and actor.off_cliprange_high is not None:
+        fail("actor_rollout_ref.actor.off_cliprange_high", actor.off_cliprange_high,
+             f"only loss_mode=vanilla reads exp_mask; with {key}.loss_mode={pl.loss_mode} use null")
+    if pl.clip_cov_ub <= pl.clip_cov_lb:
+        fail(f"{key}.clip_cov_ub", pl.clip_cov_ub, f"must be > {key}.clip_cov_lb ({show(pl.clip_cov_lb)})")
+
+
+def rollout_correction_bounds_and_bypass(cfg: DictConfig) -> None:
+    """RS lower <= upper; bypass_mode makes every ratio 1, so IS / RS / veto would do nothing."""
+    c, key = cfg.algorithm.rollout_correction, "algorithm.rollout_correction"
+    upper = c.rollout_is_threshold if c.rollout_rs_threshold is None else c.rollout_rs_threshold
+    if c.rollout_rs_threshold_lower is not None and c.rollout_rs_threshold_lower > upper:
+        fail(f"{key}.rollout_rs_threshold_lower", c.rollout_rs_threshold_lower, f"must be <= the upper bound "
+             f"({show(upper)})")
+    if c.bypass_mode:
+        for name in ("rollout_is", "rollout_rs", "rollout_token_veto_threshold"):
+            if c[name] is not None:
+                fail(f"{key}.{name}", c[name], f"{key}.bypass_mode=true sets pi_old = pi_rollout, so every "
+                     "ratio is 1: use null")
+
+
 RULES: tuple[Callable[[DictConfig], None], ...] = (
     step_estimator_needs_step_mode, group_estimator_needs_a_group, mini_batch_divides_rows,
     micro_batch_fits_mini_batch, trajectory_mode_keeps_all_history, step_mode_has_no_kl_in_reward,
-    overlong_buffer_fits_response,
+    overlong_buffer_fits_response, policy_loss_settings_agree, rollout_correction_bounds_and_bypass,
 )
 
 
