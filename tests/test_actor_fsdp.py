@@ -237,11 +237,11 @@ def test_actor_log_probs_match_a_plain_hf_forward(model_dir, misc):
 def test_lr_decay_factor_cosine_and_constant():
     from agentevolver.workers.fsdp_worker import lr_decay_factor, warmup_lambda
 
-    assert [lr_decay_factor("cosine", p) for p in (0.0, 0.25, 0.5, 1.0)] == pytest.approx(
+    assert [lr_decay_factor("cosine", p, 0.0) for p in (0.0, 0.25, 0.5, 1.0)] == pytest.approx(
         [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, 0.0], abs=1e-12)
     assert lr_decay_factor("cosine", 0.5, min_lr_ratio=0.2) == pytest.approx(0.2 + 0.8 * 0.5)
     assert lr_decay_factor("cosine", 1.0, min_lr_ratio=0.2) == pytest.approx(0.2)
-    assert lr_decay_factor("constant", 0.9) == 1.0
+    assert lr_decay_factor("constant", 0.9, 0.0) == 1.0
     assert warmup_lambda(4, lambda: 0.5)(2) == 0.25  # warm-up (optimizer steps) × decay (training steps)
     with pytest.raises(ValueError, match="lr_scheduler_type must be one of"):
-        lr_decay_factor("linear", 0.5)
+        lr_decay_factor("linear", 0.5, 0.0)

@@ -80,6 +80,7 @@ def test_valid_names_are_the_owners_objects():
         "algorithm.dapo.dynamic_sampling.metric": het_core_algos.DYNAMIC_SAMPLING_METRICS,
         "actor_rollout_ref.ref.enable": fsdp_worker.REF_ENABLE,
         "actor_rollout_ref.actor.optim.lr_scheduler_type": fsdp_worker.LR_SCHEDULERS,
+        "algorithm.adv_estimator": het_core_algos.ADV_ESTIMATORS,  # the estimator registry itself
     }
     from agentevolver.sft import TEACHERS
 

@@ -14,7 +14,7 @@ import pickle
 import random
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -240,28 +240,18 @@ class RayTrainer:
         return batch
 
     def _compute_advantage(self, batch: Batch, metrics: dict) -> Batch:
+        """The estimator registry is the only dispatch on algorithm.adv_estimator; it says what it reads."""
         cfg = self.cfg.algorithm
-        if cfg.adv_estimator == "gigpo":  # episode + per-turn (anchor state) advantages; step mode only
-            adv = algos.compute_gigpo_advantage(batch.ids["score"], batch.ids["uid"], batch.ids["episode_id"],
-                                                batch.ids["turn"], batch.ids["is_last"], batch.ids["anchor"],
-                                                batch["response_mask"], cfg.gamma, cfg.gigpo.step_advantage_w,
-                                                cfg.gigpo.mode)
-            # rows whose state another row of the group also reached: only these get a step advantage
-            states = algos.gigpo_step_groups(batch.ids["uid"], batch.ids["anchor"])
-            seen = Counter(states)
-            metrics["gigpo/shared_state_frac"] = float(np.mean([seen[s] > 1 for s in states]))
-        elif self.cfg.env.rollout_mode == "step":  # episode-level advantages (config_check: no KL in reward)
-            adv = algos.compute_episode_advantage(cfg.adv_estimator, batch.ids["score"], batch.ids["uid"],
-                                                  batch.ids["episode_id"], batch.ids["is_last"],
-                                                  batch["response_mask"], cfg.norm_adv_by_std_in_grpo)
-        else:
-            rewards = batch["token_level_rewards"]
-            if cfg.use_kl_in_reward:
-                kl = algos.kl_penalty(batch["old_log_probs"], batch["ref_log_prob"], cfg.kl_penalty)
-                rewards = rewards - cfg.kl_ctrl.kl_coef * kl * batch["response_mask"]
-            estimator = algos.get_adv_estimator(cfg.adv_estimator)
-            adv, _ = estimator(token_level_rewards=rewards, response_mask=batch["response_mask"],  # _: verl's returns,
-                               index=batch.ids["uid"], norm_adv_by_std_in_grpo=cfg.norm_adv_by_std_in_grpo)  # unused
+        estimator = algos.get_adv_estimator(cfg.adv_estimator)
+        batch.require(*estimator.inputs)
+        if cfg.use_kl_in_reward:  # trajectory mode only (config_check): a per-token reward term
+            batch.require("old_log_probs", "ref_log_prob")
+            kl = algos.kl_penalty(batch["old_log_probs"], batch["ref_log_prob"], cfg.kl_penalty)
+            rewards = batch["token_level_rewards"] - cfg.kl_ctrl.kl_coef * kl * batch["response_mask"]
+            batch = Batch(batch.tensors | {"token_level_rewards": rewards}, batch.ids, batch.meta)
+        adv, adv_metrics = algos.compute_advantage(cfg.adv_estimator, batch, cfg,
+                                                   step_mode=self.cfg.env.rollout_mode == "step")
+        metrics |= adv_metrics
         return Batch(batch.tensors | {"advantages": adv}, batch.ids, batch.meta)
 
     def _warn_empty_step(self, metrics: dict) -> None:

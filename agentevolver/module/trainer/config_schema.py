@@ -26,10 +26,8 @@ from agentevolver.module.exp_manager.het_core_algos import (
     DYNAMIC_SAMPLING_METRICS,
     DYNAMIC_SAMPLING_MODES,
     GIGPO_MODES,
-    GROUP_ESTIMATORS,
     KL_PENALTIES,
     REWARD_SHAPING_MODES,
-    STEP_ESTIMATORS,
 )
 from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
 from agentevolver.module.trainer.tracking import LOGGERS
@@ -257,7 +255,7 @@ SCHEMA: dict[str, Check] = {
     "actor_rollout_ref.rollout.val_kwargs.temperature": TEMPERATURE,
     "actor_rollout_ref.rollout.val_kwargs.top_p": TOP_P,
     "actor_rollout_ref.rollout.val_kwargs.n": POS_INT,
-    "algorithm.adv_estimator": OneOf((*ADV_ESTIMATORS, *STEP_ESTIMATORS)),
+    "algorithm.adv_estimator": OneOf(ADV_ESTIMATORS),
     "algorithm.norm_adv_by_std_in_grpo": Bool(),
     "algorithm.gamma": Num(above=0, max=1),
     "algorithm.gigpo.step_advantage_w": Num(min=0),
@@ -319,14 +317,14 @@ SCHEMA: dict[str, Check] = {
 
 # ----------------------------------------------------------------------------- cross-field rules
 def step_estimator_needs_step_mode(cfg: DictConfig) -> None:
-    if cfg.algorithm.adv_estimator in STEP_ESTIMATORS and cfg.env.rollout_mode != "step":
+    if ADV_ESTIMATORS[cfg.algorithm.adv_estimator].step_mode_only and cfg.env.rollout_mode != "step":
         fail("algorithm.adv_estimator", cfg.algorithm.adv_estimator,
              "groups turns by their observation: needs env.rollout_mode=step")
 
 
 def group_estimator_needs_a_group(cfg: DictConfig) -> None:
     n = cfg.actor_rollout_ref.rollout.n
-    if cfg.algorithm.adv_estimator in GROUP_ESTIMATORS and n < 2:
+    if ADV_ESTIMATORS[cfg.algorithm.adv_estimator].needs_groups and n < 2:
         fail("actor_rollout_ref.rollout.n", n, f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} "
              "compares rollouts within a group: needs n >= 2")
 
