@@ -19,6 +19,13 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+def episode(traj_id: str, uid: str, reward: float) -> dict:
+    """An episode's ids as the trainer hands them over (protocol.EPISODE_IDS) plus its reward."""
+    return {"traj_id": traj_id, "uid": uid, "task_id": "t", "task_type": "pick_and_place_simple",
+            "finish_reason": "success" if reward > 0 else "max_steps", "won": reward > 0, "steps": 3,
+            "format_errors": 0, "invalid_actions": 0, "projected_actions": 0, "reward": reward}
+
+
 def make_policy(tokenizer, mode: str, window=None, max_prompt_length: int = 4096):
     calls = []
 
@@ -52,7 +59,7 @@ def test_step_mode_rows_per_turn_with_windowed_prompts(tokenizer):
     expected = tokenizer.encode(tokenizer.apply_chat_template(views_a2, add_generation_prompt=True, tokenize=False),
                                 add_special_tokens=False)
     assert calls[2][0] == expected
-    batch = policy.to_batch([{"traj_id": "a", "uid": "g", "reward": 1.0}, {"traj_id": "b", "uid": "g", "reward": 0.0}])
+    batch = policy.to_batch([episode("a", "g", 1.0), episode("b", "g", 0.0)])
     assert batch.ids["traj_id"].tolist() == ["a/t0", "a/t1", "a/t2", "b/t0", "b/t1"]
     assert batch.ids["episode_id"].tolist() == ["a", "a", "a", "b", "b"]
     assert batch.ids["is_last"].tolist() == [False, False, True, False, True]
@@ -70,7 +77,7 @@ def test_trajectory_mode_one_row_per_episode(tokenizer):
     policy, calls = make_policy(tokenizer, "trajectory")
     play(policy, 3)
     assert calls[1][0][:len(calls[0][0])] == calls[0][0]  # each prompt extends the previous one
-    batch = policy.to_batch([{"traj_id": "a", "uid": "g", "reward": 1.0}, {"traj_id": "b", "uid": "g", "reward": 0.0}])
+    batch = policy.to_batch([episode("a", "g", 1.0), episode("b", "g", 0.0)])
     assert batch.ids["traj_id"].tolist() == ["a", "b"] and batch.ids["is_last"].tolist() == [True, True]
     action_len = len(tokenizer.encode("<action>look</action>", add_special_tokens=False)) + 1
     assert batch["response_mask"].sum(-1).tolist() == [3 * action_len, 2 * action_len]
@@ -80,5 +87,5 @@ def test_step_mode_prompt_over_budget_ends_the_episode(tokenizer):
     policy, calls = make_policy(tokenizer, "step", window=None, max_prompt_length=10)
     out = policy.act([TurnView("a", "task", "obs", ["look"], [], 0, {})])
     assert out[0].finish_reason == "prompt_too_long" and calls == []
-    batch = policy.to_batch([{"traj_id": "a", "uid": "g", "reward": 0.0}])
+    batch = policy.to_batch([episode("a", "g", 0.0)])
     assert len(batch) == 1 and batch["response_mask"].sum() == 0  # one empty row: counted, never trained on

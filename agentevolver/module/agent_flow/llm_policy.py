@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from agentevolver.alfworld.agent import PolicyOutput, TurnView, build_messages, format_observation_turn
-from agentevolver.protocol import Batch
+from agentevolver.protocol import Batch, rollout_batch
 from agentevolver.workers.rollout.base import GenOutput, SamplingParams
 
 ROLLOUT_MODES = ("trajectory", "step")
@@ -165,8 +165,8 @@ class LLMPolicy:
         return max(len(t.response_ids) for t in self.rows_of(episode_id))
 
     def to_batch(self, episodes: list[dict]) -> Batch:
-        """Rows of the finished episodes. `episodes` carry per-episode ids (traj_id, uid, ...) and
-        `reward`; every row gets `episode_id`, `turn` and `is_last` (one is_last row per episode)."""
+        """Rows of the finished episodes (protocol.rollout_batch). `episodes` carry the per-episode ids
+        (protocol.EPISODE_IDS) and `reward`; every row gets protocol.ROW_IDS from here."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         seqs, rows = [], []
         for ep in episodes:
@@ -207,4 +207,4 @@ class LLMPolicy:
                    "response_attention_mask": resp_attn, "response_mask": resp_mask,
                    "rollout_log_probs": log_probs, "token_level_rewards": rewards}
         # The actor recomputes log-probs at the temperature the rollout sampled with.
-        return Batch(tensors, ids, {"temperature": self.sampling.logprob_temperature})
+        return rollout_batch(tensors, ids, self.sampling.logprob_temperature)

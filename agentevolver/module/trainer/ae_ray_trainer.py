@@ -207,6 +207,7 @@ class RayTrainer:
             sampling = SamplingParams.from_rollout_config(roll, n=1, seed=self._seed(self.global_step, gen_batches))
             batch = self.rollout(self._next_games(), roll.n, sampling, f"s{self.global_step}g{gen_batches}", timings)
             gen_batches += 1
+            batch.require("finish_reason", "uid", "won" if ds.metric == "acc" else "score")
             generated.append(batch)
             # a crashed env is not the policy's doing: such episodes are counted, never trained on
             batch = batch.select(batch.ids["finish_reason"] != "env_error")
@@ -230,6 +231,7 @@ class RayTrainer:
 
     # ------------------------------------------------------------------ learning
     def _compute_old_log_prob(self, batch: Batch, metrics: dict) -> Batch:
+        batch.require("response_mask", "rollout_log_probs")  # the actor's own inputs: het_actor checks them
         batch = batch.union(self.workers.compute_log_prob(batch))
         mask = batch["response_mask"]
         diff = (batch["old_log_probs"].exp() - batch["rollout_log_probs"].exp()).abs()
@@ -353,6 +355,8 @@ def episode_metrics(batch: Batch) -> dict[str, float]:
     count per episode (its is_last row); response lengths per training row."""
     if not len(batch):
         return {}
+    batch.require("response_mask", "is_last", "won", "task_type", "num_turns", "format_errors", "invalid_actions",
+                  "projected_actions", "score", "finish_reason")
     model_tokens = batch["response_mask"].sum(-1).float()
     batch = batch.select(batch.ids["is_last"].astype(bool))
     won = batch.ids["won"].astype(float)
