@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from agentevolver.main_ppo import CONFIG_DIR
-from agentevolver.module.trainer.config_check import ConfigError, validate_config
+from agentevolver.module.trainer.config_check import ConfigError, check_chat_template, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,3 +125,29 @@ def test_valid_tiny_config_passes(shared_alfworld, fake_model):
             f"actor_rollout_ref.model.path={fake_model}", f"env.alfworld.data_dir={shared_alfworld}",
             "env.alfworld.train_split=valid_train"])
     validate_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def non_appending_model(tiny_model_dir, drops_think_template, tmp_path_factory) -> Path:
+    """The tiny model folder with a Qwen3-style template: re-rendered history drops earlier <think> blocks."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("drops_think") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    (out / "chat_template.jinja").write_text(drops_think_template)
+    return out
+
+
+def test_chat_template_that_does_not_append_is_refused_at_start(non_appending_model, tiny_model_dir, tmp_path):
+    trajectory = ("env.rollout_mode=trajectory", "env.history_window=null",
+                  "actor_rollout_ref.actor.ppo_mini_batch_size=32", "env.alfworld.data_dir=/nonexistent")
+    code, err, _ = run_cli(*trajectory, f"actor_rollout_ref.model.path={non_appending_model}",
+                           f"hydra.run.dir={tmp_path}")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "env.rollout_mode='trajectory'" in err and "does not append" in err and "<think>" in err, err
+    assert "env.rollout_mode=step" in err
+    with initialize_config_dir(CONFIG_DIR, version_base=None):  # the template check is what refuses it
+        for model, mode in ((non_appending_model, "step"), (tiny_model_dir, "trajectory")):
+            cfg = compose("alfworld_dapo_tiny", overrides=[f"actor_rollout_ref.model.path={model}",
+                                                            f"env.rollout_mode={mode}"])
+            check_chat_template(cfg)

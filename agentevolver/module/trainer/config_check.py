@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
 from agentevolver.module.trainer.config_schema import ConfigError, check_rules, check_schema, fail
 
-__all__ = ["ConfigError", "check_environment", "check_values", "validate_config"]  # ConfigError: what callers catch
+__all__ = ["ConfigError", "check_chat_template", "check_environment", "check_values", "validate_config"]  # ConfigError: what callers catch
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -44,11 +44,32 @@ def check_environment(cfg: DictConfig) -> None:
         fail("actor_rollout_ref.model.path", str(model_path),
              "no HF model folder (config.json) there; for the CPU default build one with "
              "`python -m agentevolver.models.build_tiny --out models/tiny-qwen2`")
+    check_chat_template(cfg)
     check_data(cfg)
     mode = cfg.trainer.resume_mode
     if mode not in RESUME_MODES and not Path(mode).is_dir():
         fail("trainer.resume_mode", mode, f"must be one of {', '.join(RESUME_MODES)}, or an existing "
              "global_step_N folder")
+
+
+def check_chat_template(cfg: DictConfig) -> None:
+    """Trajectory mode appends each turn's tokens to the last prompt: the model's chat template must
+    render the history as a prefix of the next prompt, token for token (llm_policy.chat_turns)."""
+    model_path = Path(str(cfg.actor_rollout_ref.model.path))
+    if not any((model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return  # no tokenizer to judge: the model-folder check reports that
+    from transformers import AutoTokenizer
+
+    from agentevolver.module.agent_flow.llm_policy import ChatTemplateError, chat_turns
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    try:
+        turns = chat_turns(tokenizer)
+    except ChatTemplateError as e:
+        fail("actor_rollout_ref.model.path", str(model_path), str(e))
+    if cfg.env.rollout_mode == "trajectory" and not turns.appends:
+        fail("env.rollout_mode", "trajectory", f"the chat template of {model_path} does not append "
+             f"({turns.why_not}): use env.rollout_mode=step, or a model whose template appends")
 
 
 def check_data(cfg: DictConfig) -> None:

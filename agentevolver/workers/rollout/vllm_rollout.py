@@ -38,6 +38,7 @@ from agentevolver.workers.rollout.base import (
     RolloutEngine,
     SamplingParams,
     register_rollout_engine,
+    trim_at_stop,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,13 +110,14 @@ class VLLMRolloutEngine(RolloutEngine):
         # vLLM seeds per request: offset by the prompt index so equal seeds don't correlate prompts
         seeds = [None if params.seed is None else params.seed + i for i in range(len(prompts))]
         outs = self.llm.generate(reqs, [self._vllm_params(params, s) for s in seeds], use_tqdm=False)
+        stop_ids = self.stop_ids(params)
         results = []
         for req in outs:  # vLLM returns requests in input order
             per_prompt = []
             for c in sorted(req.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
+                ids = list(c.token_ids)  # vLLM keeps the eos / stop_token_ids token that ended the request
                 lps = [lp_dict[t].logprob for t, lp_dict in zip(ids, c.logprobs)]
-                reason = "stop" if c.finish_reason == "stop" else "length"
+                ids, lps, reason = trim_at_stop(ids, lps, stop_ids)  # the same cut as the hf engine
                 per_prompt.append(GenOutput(ids, lps, reason, self.policy_version))
             results.append(per_prompt)
         return results
