@@ -182,12 +182,16 @@ def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return {k: sum(h[k] for h in history) / (1 if k == "actor/skipped_steps" else len(history)) for k in history[0]}
 
 
+def _entropy_sum(ent: torch.Tensor | None, mask: torch.Tensor) -> float:
+    return (ent.detach() * mask).sum().item() if ent is not None else 0.0
+
+
 def _sft_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor, logp: torch.Tensor,
                     ent: torch.Tensor, g_tokens: torch.Tensor, g_seqs: torch.Tensor, entropy_coeff: float
                     ) -> tuple[torch.Tensor, list[float]]:
     """Token-mean NLL over response_mask: this micro-batch's share, and the metric sums (see _ppo_micro_loss)."""
     total = agg_loss(-logp, mask, "token-mean", global_tokens=g_tokens)
-    return total, [total.item(), 0.0, 0.0, 0.0, 0.0, (ent.detach() * mask).sum().item()]
+    return total, [total.item(), 0.0, 0.0, 0.0, 0.0, _entropy_sum(ent, mask)]
 
 
 def _ppo_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor, logp: torch.Tensor,
@@ -196,7 +200,7 @@ def _ppo_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor
     """This micro-batch's share of the mini-batch loss, and its metric sums
     [main loss share, kl share, clipfrac·n, clipfrac_lower·n, ppo_kl·n, Σ entropy·mask]."""
     n_tok = mask.sum().item()
-    ent_sum = (ent.detach() * mask).sum().item()
+    ent_sum = _entropy_sum(ent, mask)
     mode, scale = config.loss_agg_mode, config.loss_scale_factor
     out = dapo_compute_policy_loss(
         mb["old_log_probs"].float(), logp, mb["advantages"].float(), mask, exp_mask=mb.get("exp_mask"),
