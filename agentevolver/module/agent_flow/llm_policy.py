@@ -4,7 +4,9 @@ Two rollout modes (`env.rollout_mode`):
 - `trajectory`: one episode is ONE token sequence: the chat-templated first prompt, then for every
   turn the model's response tokens (response_mask = 1, exactly the ids the rollout engine returned —
   never re-tokenised text) followed by the next observation turn (response_mask = 0). Each turn's
-  prompt is a prefix-extension of the last one.
+  prompt is a prefix-extension of the last one; the turn delimiters come from the tokenizer's chat
+  template (`chat_turns`), which must append: a template that re-renders the history differently is
+  refused at start.
 - `step` (verl-agent style): every turn is its own row: a fresh prompt (task, the last
   `history_window` (observation, action) pairs, the current observation and admissible actions) and
   that turn's response. Prompts stay short however long the episode, which is what lets a small
