@@ -105,3 +105,42 @@ def test_select_by_index_or_mask_and_require():
     batch.require("responses", "uid")
     with pytest.raises(KeyError, match=r"missing \['advantages'\]"):
         batch.require("responses", "advantages")
+
+
+def test_trainer_advantage_stage_requires_its_inputs_and_dispatches_by_registry():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from agentevolver.module.exp_manager import het_core_algos as algos
+    from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
+
+    tensors, ids = rollout_parts(4)
+    ids["uid"] = np.array(["g", "g", "h", "h"])
+    ids["episode_id"] = ids["traj_id"]
+    tensors["token_level_rewards"][:, 1] = torch.tensor([1.0, 0.0, 1.0, 0.5])
+    batch = rollout_batch(tensors, ids, temperature=1.0)
+    algo = OmegaConf.create({"adv_estimator": "grpo", "norm_adv_by_std_in_grpo": False, "use_kl_in_reward": True,
+                             "kl_penalty": "kl", "kl_ctrl": {"kl_coef": 0.5}, "gamma": 1.0,
+                             "gigpo": {"step_advantage_w": 1.0, "mode": "mean_norm"}})
+    trainer = SimpleNamespace(cfg=OmegaConf.create({"algorithm": algo, "env": {"rollout_mode": "trajectory"}}))
+    with pytest.raises(KeyError, match=r"missing \['old_log_probs', 'ref_log_prob'\]"):
+        RayTrainer._compute_advantage(trainer, batch, {})  # KL in the reward reads both log-probs
+    logp = torch.full((4, 5), -1.0)
+    with_logp = Batch(batch.tensors | {"old_log_probs": logp, "ref_log_prob": logp - 0.2}, batch.ids, batch.meta)
+    metrics: dict = {}
+    out = RayTrainer._compute_advantage(trainer, with_logp, metrics)
+    # reward - 0.5 · 0.2 per model token, then GRPO without std over the groups g, h
+    shaped = with_logp["token_level_rewards"] - 0.1 * with_logp["response_mask"]
+    expected, _ = algos.compute_grpo_outcome_advantage(shaped, with_logp["response_mask"], ids["uid"],
+                                                       norm_adv_by_std_in_grpo=False)
+    torch.testing.assert_close(out["advantages"], expected)
+    assert metrics == {} and "returns" not in out
+    trainer.cfg.algorithm.adv_estimator = "gigpo"
+    trainer.cfg.algorithm.use_kl_in_reward = False
+    trainer.cfg.env.rollout_mode = "step"
+    no_anchor = Batch(batch.tensors, {k: v for k, v in batch.ids.items() if k != "anchor"}, batch.meta)
+    with pytest.raises(KeyError, match=r"missing \['anchor'\]"):
+        RayTrainer._compute_advantage(trainer, no_anchor, {})
+    RayTrainer._compute_advantage(trainer, batch, metrics)
+    assert set(metrics) == {"gigpo/shared_state_frac"}  # the estimator's own metric reaches the trainer
