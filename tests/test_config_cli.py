@@ -62,12 +62,11 @@ CASES = [
                                                             c[0][0].split("=")[1] for c in CASES])
 def test_value_errors_one_line(overrides, names, valid, tmp_path):
     # model path and data dir do not exist here: value checks must still come first
-    code, err, secs = run_cli(*overrides, f"hydra.run.dir={tmp_path}",
+    code, err, _ = run_cli(*overrides, f"hydra.run.dir={tmp_path}",
                               "actor_rollout_ref.model.path=/nonexistent/model", "env.alfworld.data_dir=/nonexistent")
     assert code == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert names in err and valid in err, err
-    assert secs < 10
 
 
 def test_vllm_without_cuda_suggests_hf(fake_model, tmp_path):
