@@ -57,7 +57,8 @@ def test_two_nodes_spread_ranks_train_checkpoint_resume(cluster, tiny_model_dir,
     trainer = RayTrainer(validated(cfg))
     try:
         placement = trainer.workers.placement
-        print("two-node placement:", [(p["rank"], p["node_id"]) for p in placement])
+        print("two-node placement:", [(p["rank"], p["node_id"]) for p in placement],
+              "head node:", cluster.head_node.node_id)
         assert [p["rank"] for p in placement] == [0, 1]
         assert {p["node_id"] for p in placement} == set(nodes)  # one rank per node
         addr, port = trainer.workers.master_endpoint
