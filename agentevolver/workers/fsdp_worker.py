@@ -139,6 +139,13 @@ class ActorRolloutRefWorker:
         """(address, free port) of this process's host: asked of rank 0 before init_model."""
         return node_ip(), free_port()
 
+    def placement(self) -> dict[str, Any]:
+        """Where this rank runs: its Ray node id (None outside Ray), host address and pid."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"rank": self.rank, "node_id": node, "ip": node_ip(), "pid": os.getpid()}
+
     def init_model(self, master_addr: str | None = None, master_port: int | None = None) -> None:
         addr, port = master_addr or self.master_addr, master_port or self.master_port
         if addr is None or port is None:

