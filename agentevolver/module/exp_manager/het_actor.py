@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,12 +33,7 @@ from agentevolver.module.exp_manager.het_core_algos import (
 from agentevolver.protocol import Batch, with_model_inputs
 from agentevolver.utils.dist import all_reduce, world
 
-LOSSES = ("ppo", "sft")
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _tensors(batch: Batch, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -84,8 +81,10 @@ def _effective_temperature(temperature: float) -> float:
 
 @torch.no_grad()
 def compute_log_prob(module: torch.nn.Module, batch: Batch, temperature: float, micro_batch_size: int,
-                     calculate_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     calculate_entropy: bool = False, *, device: str | torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Response log-probs (B, R) (and entropies (B, R)) of this rank's rows, in fp32 on CPU.
+    `device`: where the module computes (the worker's resolved trainer.device).
 
     A collective under FSDP2: every rank must call it; ranks run the same number of micro-batches.
     """
@@ -94,7 +93,7 @@ def compute_log_prob(module: torch.nn.Module, batch: Batch, temperature: float, 
     t = _tensors(batch, _MODEL_KEYS)
     n = t["responses"].shape[0]
     n_micro = all_reduce(torch.tensor([math.ceil(n / micro_batch_size)]), op="max").item()
-    temp, dev = _effective_temperature(temperature), _device()
+    temp, dev = _effective_temperature(temperature), torch.device(device)
     was_training = module.training
     module.eval()
     logps, ents = [], []
@@ -111,11 +110,13 @@ def compute_log_prob(module: torch.nn.Module, batch: Batch, temperature: float, 
     return log_probs, (torch.cat(ents) if calculate_entropy else None)
 
 
-def _required_keys(loss: str, config: Any) -> tuple[str, ...]:
-    if loss == "sft":
-        return (*_MODEL_KEYS, "response_mask")
+def _ppo_keys(config: Any) -> tuple[str, ...]:
     keys = (*_MODEL_KEYS, "response_mask", "old_log_probs", "advantages")
     return keys + (("ref_log_prob",) if config.use_kl_loss else ())
+
+
+def _sft_keys(config: Any) -> tuple[str, ...]:
+    return (*_MODEL_KEYS, "response_mask")
 
 
 def _grad_norm(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -130,19 +131,21 @@ def _grad_norm(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
 
 def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch: Batch, config: Any,
-                  temperature: float, loss: str = "ppo") -> dict[str, float]:
+                  temperature: float, loss: str = "ppo", *, device: str | torch.device) -> dict[str, float]:
     """One actor update on this rank's rows (a collective: every rank calls it with its share).
 
     config = actor_rollout_ref.actor. Mini-batches hold ppo_mini_batch_size rows over all ranks, cut into
     micro-batches of ppo_micro_batch_size_per_gpu rows. loss = "ppo" (DAPO policy loss + optional KL loss
     to ref_log_prob + optional entropy bonus) or "sft" (token-mean NLL over response_mask).
     A non-finite loss or grad norm skips that optimizer step on all ranks (actor/skipped_steps).
+    `device`: where the module computes (the worker's resolved trainer.device).
     Returns metrics that are already global (identical on all ranks), averaged over mini-batches.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown actor loss {loss!r}; valid: {', '.join(LOSSES)}")
+    actor_loss = LOSSES[loss]
     _, world_size = world()
-    keys = _required_keys(loss, config) + tuple(k for k in ("exp_mask", "rollout_is_weights") if k in batch)
+    keys = actor_loss.keys(config) + tuple(k for k in ("exp_mask", "rollout_is_weights") if k in batch)
     t = _tensors(batch, keys)
     n_local = t["responses"].shape[0]
     n_global = int(all_reduce(torch.tensor([n_local])).item())
@@ -158,8 +161,8 @@ def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     # two collectives for the whole update: rows per piece (max) and valid tokens / rows per piece (sum)
     rows_max = all_reduce(torch.tensor([b - a for a, b in itertools.pairwise(bounds)]), op="max").tolist()
     counts = all_reduce(torch.stack([torch.stack(count_tokens_and_seqs(p["response_mask"])) for p in pieces]))
-    temp, dev = _effective_temperature(temperature), _device()
-    entropy_coeff = float(config.entropy_coeff) if loss == "ppo" else 0.0
+    temp, dev = _effective_temperature(temperature), torch.device(device)
+    entropy_coeff = float(config.entropy_coeff) if actor_loss.uses_entropy_bonus else 0.0
     module.train()
     history: list[dict[str, float]] = []
     for _epoch in range(int(config.ppo_epochs)):
@@ -171,28 +174,34 @@ def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 mb = {k: v[i:i + mbs].to(dev) for k, v in piece.items()}
                 mask = mb["response_mask"].float()
                 logp, ent = _forward(module, mb, temp, calculate_entropy=True, entropy_grad=entropy_coeff != 0)
-                total, parts = _micro_loss(loss, config, mb, mask, logp, ent, g_tokens, g_seqs, entropy_coeff)
+                total, parts = actor_loss.micro_loss(config, mb, mask, logp, ent, g_tokens, g_seqs, entropy_coeff)
                 (total * world_size).backward()
                 sums += torch.tensor(parts + [0.0 if torch.isfinite(total).item() else 1.0], dtype=torch.float64)
             all_reduce(sums)
-            history.append(_step(module, optimizer, scheduler, config.grad_clip, sums, float(g_tokens), loss))
-    metrics = {k: sum(h[k] for h in history) / (1 if k == "actor/skipped_steps" else len(history))
-               for k in history[0]}
-    if loss == "ppo" and not config.use_kl_loss:
-        del metrics["actor/kl_loss"]
-    return metrics
+            step = _step(module, optimizer, scheduler, config.grad_clip, sums)
+            history.append(step | actor_loss.metrics(config, sums, max(float(g_tokens), 1.0)))
+    return {k: sum(h[k] for h in history) / (1 if k == "actor/skipped_steps" else len(history)) for k in history[0]}
 
 
-def _micro_loss(loss: str, config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor, logp: torch.Tensor,
-                ent: torch.Tensor, g_tokens: torch.Tensor, g_seqs: torch.Tensor, entropy_coeff: float
-                ) -> tuple[torch.Tensor, list[float]]:
+def _entropy_sum(ent: torch.Tensor | None, mask: torch.Tensor) -> float:
+    return (ent.detach() * mask).sum().item() if ent is not None else 0.0
+
+
+def _sft_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor, logp: torch.Tensor,
+                    ent: torch.Tensor, g_tokens: torch.Tensor, g_seqs: torch.Tensor, entropy_coeff: float
+                    ) -> tuple[torch.Tensor, list[float]]:
+    """Token-mean NLL over response_mask: this micro-batch's share, and the metric sums (see _ppo_micro_loss)."""
+    total = agg_loss(-logp, mask, "token-mean", global_tokens=g_tokens)
+    return total, [total.item(), 0.0, 0.0, 0.0, 0.0, _entropy_sum(ent, mask)]
+
+
+def _ppo_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor, logp: torch.Tensor,
+                    ent: torch.Tensor, g_tokens: torch.Tensor, g_seqs: torch.Tensor, entropy_coeff: float
+                    ) -> tuple[torch.Tensor, list[float]]:
     """This micro-batch's share of the mini-batch loss, and its metric sums
     [main loss share, kl share, clipfrac·n, clipfrac_lower·n, ppo_kl·n, Σ entropy·mask]."""
     n_tok = mask.sum().item()
-    ent_sum = (ent.detach() * mask).sum().item()
-    if loss == "sft":
-        total = agg_loss(-logp, mask, "token-mean", global_tokens=g_tokens)
-        return total, [total.item(), 0.0, 0.0, 0.0, 0.0, ent_sum]
+    ent_sum = _entropy_sum(ent, mask)
     mode, scale, pl = config.loss_agg_mode, config.loss_scale_factor, config.policy_loss
     params = PolicyLossParams(
         clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high, clip_ratio_c=config.clip_ratio_c,
@@ -217,7 +226,7 @@ def _micro_loss(loss: str, config: Any, mb: dict[str, torch.Tensor], mask: torch
 
 def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None, grad_clip: float | None,
-          sums: torch.Tensor, g_tokens: float, loss: str) -> dict[str, float]:
+          sums: torch.Tensor) -> dict[str, float]:
     """Clip, then step — or skip on every rank when the loss or the (global) grad norm is not finite."""
     grad_norm = _grad_norm(module, grad_clip)
     lr = optimizer.param_groups[0]["lr"]
@@ -227,11 +236,33 @@ def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
         if scheduler is not None:
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    tok = max(g_tokens, 1.0)
-    metrics = {"actor/entropy": sums[5].item() / tok, "actor/grad_norm": grad_norm.item(), "actor/lr": lr,
-               "actor/skipped_steps": float(skipped)}
-    if loss == "sft":
-        return metrics | {"actor/sft_loss": sums[0].item()}
-    return metrics | {"actor/pg_loss": sums[0].item(), "actor/kl_loss": sums[1].item(),
-                      "actor/pg_clipfrac": sums[2].item() / tok, "actor/pg_clipfrac_lower": sums[3].item() / tok,
-                      "actor/ppo_kl": sums[4].item() / tok}
+    return {"actor/grad_norm": grad_norm.item(), "actor/lr": lr, "actor/skipped_steps": float(skipped)}
+
+
+def _sft_metrics(config: Any, sums: torch.Tensor, tok: float) -> dict[str, float]:
+    return {"actor/entropy": sums[5].item() / tok, "actor/sft_loss": sums[0].item()}
+
+
+def _ppo_metrics(config: Any, sums: torch.Tensor, tok: float) -> dict[str, float]:
+    out = {"actor/entropy": sums[5].item() / tok, "actor/pg_loss": sums[0].item(),
+           "actor/pg_clipfrac": sums[2].item() / tok, "actor/pg_clipfrac_lower": sums[3].item() / tok,
+           "actor/ppo_kl": sums[4].item() / tok}
+    return out | ({"actor/kl_loss": sums[1].item()} if config.use_kl_loss else {})
+
+
+@dataclass(frozen=True)
+class ActorLoss:
+    """One actor objective: the batch keys it reads, its per-micro-batch loss share and metric sums
+    (micro_loss), and the metrics it reports from those sums (metrics; tok = the global valid tokens)."""
+
+    keys: Callable[[Any], tuple[str, ...]]
+    micro_loss: Callable[..., tuple[torch.Tensor, list[float]]]
+    metrics: Callable[[Any, torch.Tensor, float], dict[str, float]]
+    uses_entropy_bonus: bool  # reads actor.entropy_coeff
+
+
+# update_policy(loss=...): "ppo" is the RL update, "sft" the warm start's NLL
+LOSSES: dict[str, ActorLoss] = {
+    "ppo": ActorLoss(_ppo_keys, _ppo_micro_loss, _ppo_metrics, uses_entropy_bonus=True),
+    "sft": ActorLoss(_sft_keys, _sft_micro_loss, _sft_metrics, uses_entropy_bonus=False),
+}

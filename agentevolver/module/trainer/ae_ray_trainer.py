@@ -14,7 +14,7 @@ import pickle
 import random
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +208,7 @@ class RayTrainer:
             sampling = SamplingParams.from_rollout_config(roll, n=1, seed=self._seed(self.global_step, gen_batches))
             batch = self.rollout(self._next_games(), roll.n, sampling, f"s{self.global_step}g{gen_batches}", timings)
             gen_batches += 1
+            batch.require("finish_reason", "uid", "won" if ds.metric == "acc" else "score")
             generated.append(batch)
             # a crashed env is not the policy's doing: such episodes are counted, never trained on
             batch = batch.select(batch.ids["finish_reason"] != "env_error")
@@ -233,6 +234,7 @@ class RayTrainer:
     def _compute_old_log_prob(self, batch: Batch, metrics: dict) -> Batch:
         """old_log_probs from the actor — or, in bypass_mode, the rollout's own (no forward pass) —
         then rollout correction: IS weights and the rejection mask (`rollout_corr`)."""
+        batch.require("response_mask", "rollout_log_probs")  # the actor's own inputs: het_actor checks them
         corr = self.cfg.algorithm.rollout_correction
         if corr.bypass_mode:  # π_old := π_rollout: the PPO ratio is taken against the sampler itself
             return Batch(batch.tensors | {"old_log_probs": batch["rollout_log_probs"].clone()}, batch.ids, batch.meta)
@@ -257,28 +259,18 @@ class RayTrainer:
         return Batch(batch.tensors | tensors, batch.ids, batch.meta)
 
     def _compute_advantage(self, batch: Batch, metrics: dict) -> Batch:
+        """The estimator registry is the only dispatch on algorithm.adv_estimator; it says what it reads."""
         cfg = self.cfg.algorithm
-        if cfg.adv_estimator == "gigpo":  # episode + per-turn (anchor state) advantages; step mode only
-            adv = algos.compute_gigpo_advantage(batch.ids["score"], batch.ids["uid"], batch.ids["episode_id"],
-                                                batch.ids["turn"], batch.ids["is_last"], batch.ids["anchor"],
-                                                batch["response_mask"], cfg.gamma, cfg.gigpo.step_advantage_w,
-                                                cfg.gigpo.mode)
-            # rows whose state another row of the group also reached: only these get a step advantage
-            states = algos.gigpo_step_groups(batch.ids["uid"], batch.ids["anchor"])
-            seen = Counter(states)
-            metrics["gigpo/shared_state_frac"] = float(np.mean([seen[s] > 1 for s in states]))
-        elif self.cfg.env.rollout_mode == "step":  # episode-level advantages (config_check: no KL in reward)
-            adv = algos.compute_episode_advantage(cfg.adv_estimator, batch.ids["score"], batch.ids["uid"],
-                                                  batch.ids["episode_id"], batch.ids["is_last"],
-                                                  batch["response_mask"], cfg.norm_adv_by_std_in_grpo)
-        else:
-            rewards = batch["token_level_rewards"]
-            if cfg.use_kl_in_reward:
-                kl = algos.kl_penalty(batch["old_log_probs"], batch["ref_log_prob"], cfg.kl_penalty)
-                rewards = rewards - cfg.kl_ctrl.kl_coef * kl * batch["response_mask"]
-            estimator = algos.get_adv_estimator(cfg.adv_estimator)
-            adv, _ = estimator(token_level_rewards=rewards, response_mask=batch["response_mask"],  # _: verl's returns,
-                               index=batch.ids["uid"], norm_adv_by_std_in_grpo=cfg.norm_adv_by_std_in_grpo)  # unused
+        estimator = algos.get_adv_estimator(cfg.adv_estimator)
+        batch.require(*estimator.inputs)
+        if cfg.use_kl_in_reward:  # trajectory mode only (config_check): a per-token reward term
+            batch.require("old_log_probs", "ref_log_prob")
+            kl = algos.kl_penalty(batch["old_log_probs"], batch["ref_log_prob"], cfg.kl_penalty)
+            rewards = batch["token_level_rewards"] - cfg.kl_ctrl.kl_coef * kl * batch["response_mask"]
+            batch = Batch(batch.tensors | {"token_level_rewards": rewards}, batch.ids, batch.meta)
+        adv, adv_metrics = algos.compute_advantage(cfg.adv_estimator, batch, cfg,
+                                                   step_mode=self.cfg.env.rollout_mode == "step")
+        metrics |= adv_metrics
         return Batch(batch.tensors | {"advantages": adv}, batch.ids, batch.meta)
 
     def _warn_empty_step(self, metrics: dict) -> None:
@@ -380,6 +372,8 @@ def episode_metrics(batch: Batch) -> dict[str, float]:
     count per episode (its is_last row); response lengths per training row."""
     if not len(batch):
         return {}
+    batch.require("response_mask", "is_last", "won", "task_type", "num_turns", "format_errors", "invalid_actions",
+                  "projected_actions", "score", "finish_reason")
     model_tokens = batch["response_mask"].sum(-1).float()
     batch = batch.select(batch.ids["is_last"].astype(bool))
     won = batch.ids["won"].astype(float)

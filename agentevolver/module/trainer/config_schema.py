@@ -26,11 +26,9 @@ from agentevolver.module.exp_manager.het_core_algos import (
     DYNAMIC_SAMPLING_METRICS,
     DYNAMIC_SAMPLING_MODES,
     GIGPO_MODES,
-    GROUP_ESTIMATORS,
     KL_PENALTIES,
     POLICY_LOSS_MODES,
     REWARD_SHAPING_MODES,
-    STEP_ESTIMATORS,
 )
 from agentevolver.module.exp_manager.rollout_corr import ROLLOUT_IS_LEVELS, ROLLOUT_RS_LEVELS
 from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
@@ -39,6 +37,7 @@ from agentevolver.sft import TEACHERS
 from agentevolver.utils.dist import DEVICES, DTYPE_CHOICES
 from agentevolver.workers.fsdp_worker import LR_SCHEDULERS, REF_ENABLE
 from agentevolver.workers.rollout import ROLLOUT_ENGINES
+from agentevolver.workers.rollout.vllm_rollout import VLLM_SYNC_MODES
 
 
 class ConfigError(ValueError):
@@ -261,11 +260,12 @@ SCHEMA: dict[str, Check] = {
     "actor_rollout_ref.rollout.gpu_memory_utilization": Num(above=0, max=1),
     "actor_rollout_ref.rollout.enforce_eager": Bool(),
     "actor_rollout_ref.rollout.free_cache_engine": Bool(),
+    "actor_rollout_ref.rollout.vllm_sync_mode": OneOf(VLLM_SYNC_MODES),
     "actor_rollout_ref.rollout.max_num_seqs": POS_INT,
     "actor_rollout_ref.rollout.val_kwargs.temperature": TEMPERATURE,
     "actor_rollout_ref.rollout.val_kwargs.top_p": TOP_P,
     "actor_rollout_ref.rollout.val_kwargs.n": POS_INT,
-    "algorithm.adv_estimator": OneOf((*ADV_ESTIMATORS, *STEP_ESTIMATORS)),
+    "algorithm.adv_estimator": OneOf(ADV_ESTIMATORS),
     "algorithm.norm_adv_by_std_in_grpo": Bool(),
     "algorithm.gamma": Num(above=0, max=1),
     "algorithm.gigpo.step_advantage_w": Num(min=0),
@@ -334,14 +334,14 @@ SCHEMA: dict[str, Check] = {
 
 # ----------------------------------------------------------------------------- cross-field rules
 def step_estimator_needs_step_mode(cfg: DictConfig) -> None:
-    if cfg.algorithm.adv_estimator in STEP_ESTIMATORS and cfg.env.rollout_mode != "step":
+    if ADV_ESTIMATORS[cfg.algorithm.adv_estimator].step_mode_only and cfg.env.rollout_mode != "step":
         fail("algorithm.adv_estimator", cfg.algorithm.adv_estimator,
              "groups turns by their observation: needs env.rollout_mode=step")
 
 
 def group_estimator_needs_a_group(cfg: DictConfig) -> None:
     n = cfg.actor_rollout_ref.rollout.n
-    if cfg.algorithm.adv_estimator in GROUP_ESTIMATORS and n < 2:
+    if ADV_ESTIMATORS[cfg.algorithm.adv_estimator].needs_groups and n < 2:
         fail("actor_rollout_ref.rollout.n", n, f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} "
              "compares rollouts within a group: needs n >= 2")
 

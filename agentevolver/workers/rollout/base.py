@@ -6,7 +6,10 @@ Log-prob convention (the FSDP actor computes the SAME quantity for old/new log-p
     log_prob[t] = log_softmax(logits[t] / T)[token[t]],  T = temperature if temperature > 0 else 1
 with NO top-p / top-k filtering applied to the reported value (filtering only shapes sampling).
 Generation stops on any eos id of the model (generation_config + config + tokenizer eos) or a
-`stop_token_ids` id; the stop token IS part of `token_ids` (the policy must learn to emit it).
+`stop_token_ids` id; the stop token IS part of `token_ids` (the policy must learn to emit it), and
+nothing after it is (`trim_at_stop`, applied by every engine). The eos a model folder declares need
+not be the token that closes a chat turn (a Qwen base model's eos is <|endoftext|>, its chat template
+closes turns with <|im_end|>): the policy adds the template's end-of-turn id to stop_token_ids.
 """
 from __future__ import annotations
 
@@ -58,6 +61,18 @@ class GenOutput:
     log_probs: list[float]          # one per token id, per the convention above
     finish_reason: str              # "stop" | "length"
     policy_version: int             # weights version that produced it (engine.policy_version)
+
+
+def trim_at_stop(token_ids: list[int], log_probs: list[float], stop_ids: list[int] | set[int]
+                 ) -> tuple[list[int], list[float], str]:
+    """(ids, log-probs, finish_reason) cut just after the first stop id: "stop" when one is there, else
+    "length". Ids past the stop (padding of a finished row, tokens an engine ran on) are never returned."""
+    stops = set(stop_ids)
+    n = min(len(token_ids), len(log_probs))
+    for i in range(n):
+        if token_ids[i] in stops:
+            return list(token_ids[:i + 1]), list(log_probs[:i + 1]), "stop"
+    return list(token_ids[:n]), list(log_probs[:n]), "length"
 
 
 class RolloutEngine(ABC):

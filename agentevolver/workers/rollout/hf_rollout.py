@@ -19,6 +19,7 @@ from agentevolver.workers.rollout.base import (
     RolloutEngine,
     SamplingParams,
     register_rollout_engine,
+    trim_at_stop,
 )
 
 
@@ -109,15 +110,9 @@ class HFRolloutEngine(RolloutEngine):
                                 **kw).logits[:, -1]
             next_pos = next_pos + 1
         tok_mat, lp_mat = torch.stack(toks, 1).cpu(), torch.stack(lps, 1).float().cpu()  # (B, R)
-        stop_cpu = stop.cpu()
-        outs = []
-        for i in range(B):
-            ids = tok_mat[i].tolist()
-            hit = torch.isin(tok_mat[i], stop_cpu).nonzero()
-            n = int(hit[0]) + 1 if len(hit) else len(ids)
-            outs.append(GenOutput(ids[:n], lp_mat[i, :n].tolist(), "stop" if len(hit) else "length",
-                                  self.policy_version))
-        return outs
+        stop_ids = stop.tolist()
+        return [GenOutput(*trim_at_stop(tok_mat[i].tolist(), lp_mat[i].tolist(), stop_ids), self.policy_version)
+                for i in range(B)]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)

