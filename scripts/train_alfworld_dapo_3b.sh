@@ -6,7 +6,7 @@
 # The GPU count, model path and data are checked before anything starts (one-line errors, exit 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the vLLM image ships python3 only
 export TOKENIZERS_PARALLELISM=false
 export VLLM_USE_V1=${VLLM_USE_V1:-1}
 

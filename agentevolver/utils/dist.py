@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import numpy as np
@@ -54,13 +56,26 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def process_group_backend(device: str, gpu_backend: str = "nccl") -> str:
+    """The backend string of the trainer's process group.
+
+    CPU: "gloo". CUDA: "cpu:gloo,cuda:nccl" (as verl does): CPU tensors -- the actor's row / token counts,
+    n_micro, metric sums, DCP's and barrier's object collectives -- go through gloo, CUDA tensors (FSDP2
+    all-gather / reduce-scatter, grad-norm, full state-dict gathers) through NCCL. A plain "nccl" group
+    has no backend for CPU tensors: `RuntimeError: No backend type associated with device type cpu`.
+    `gpu_backend` exists so that a CPU-only test can build the same two-device layout with gloo.
+    """
+    return f"cpu:gloo,cuda:{gpu_backend}" if device == "cuda" else "gloo"
+
+
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, device: str,
-                       timeout_s: int = 1800) -> None:
-    """gloo on CPU, nccl on CUDA; one process per rank (on CUDA each sees its own GPU as cuda:0 under Ray)."""
+                       timeout_s: int = 1800, gpu_backend: str = "nccl") -> None:
+    """One process per rank (on CUDA each sees its own GPU as cuda:0 under Ray); backend per
+    `process_group_backend`."""
     os.environ["MASTER_ADDR"] = master_addr
     os.environ["MASTER_PORT"] = str(master_port)
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
-    backend = "nccl" if device == "cuda" else "gloo"
+    backend = process_group_backend(device, gpu_backend)
     if device == "cuda":
         torch.cuda.set_device(0 if torch.cuda.device_count() == 1 else rank % torch.cuda.device_count())
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
@@ -100,3 +115,15 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def preserve_rng_state() -> Iterator[None]:
+    """Run a block that reseeds the process's global RNGs (vLLM's worker init calls
+    set_random_seed(model_config.seed), vllm/v1/worker/gpu_worker.py:522 and :1062) and put this
+    process's Python / NumPy / torch (CPU + CUDA) RNG states back afterwards."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from agentevolver.utils.dist import (
     seed_everything,
     set_rng_state,
 )
+from agentevolver.workers.rollout.base import resolve_attn_implementation, rollout_max_model_len
 
 REF_ENABLE = ("auto", True, False)  # actor_rollout_ref.ref.enable
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
@@ -53,18 +55,21 @@ def ref_enabled(config: Any) -> bool:
 
 
 def build_fsdp_model(path: str, device: str, dtype: torch.dtype, *, train: bool, param_offload: bool = False,
-                     gradient_checkpointing: bool = False, trust_remote_code: bool = False) -> torch.nn.Module:
+                     gradient_checkpointing: bool = False, trust_remote_code: bool = False,
+                     attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Load an HF causal LM and wrap it with FSDP2: `fully_shard` per decoder layer, then the root.
 
     Trained models keep fp32 master params and compute in `dtype` through MixedPrecisionPolicy
-    (reduce in fp32); the frozen reference is simply loaded in `dtype`.
+    (reduce in fp32); the frozen reference is simply loaded in `dtype`. `attn_implementation` is a
+    resolved name (rollout.base.resolve_attn_implementation).
     """
     from transformers import AutoModelForCausalLM
 
     if not Path(path, "config.json").is_file():
         raise ValueError(f"actor_rollout_ref.model.path={path!r} is not an HF model folder (no config.json)")
     load_dtype = torch.float32 if train else dtype
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
     if gradient_checkpointing and train:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not train:
@@ -119,6 +124,17 @@ def lr_decay_factor(scheduler_type: str, progress: float, min_lr_ratio: float) -
     return decay(progress, min_lr_ratio)
 
 
+def gather_full_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One state-dict entry unsharded (an all-gather for an FSDP2 DTensor) and cast to `dtype`.
+    A CPU-offloaded shard is moved to its mesh's device first, as torch's own state-dict gather does
+    (torch/distributed/_state_dict_utils.py, `_gather_state_dict`), so the gather runs on NCCL."""
+    if hasattr(t, "full_tensor"):
+        if t.device.type != t.device_mesh.device_type:
+            t = t.to(t.device_mesh.device_type)
+        t = t.full_tensor()
+    return t.detach().to(dtype)
+
+
 class ActorRolloutRefWorker:
     """Actor (trained), reference (frozen, optional) and rollout engine (optional) of one rank."""
 
@@ -156,10 +172,12 @@ class ActorRolloutRefWorker:
         seed_everything(int(self.config.trainer.seed) + self.rank)
         arr = self.config.actor_rollout_ref
         path, remote = str(arr.model.path), bool(arr.model.trust_remote_code)
+        attn = resolve_attn_implementation(str(arr.model.attn_implementation), self.device)
+        self.attn_implementation = attn
         self.actor = build_fsdp_model(path, self.device, self.dtype, train=True,
                                       param_offload=arr.actor.fsdp_config.param_offload,
                                       gradient_checkpointing=arr.model.enable_gradient_checkpointing,
-                                      trust_remote_code=remote)
+                                      trust_remote_code=remote, attn_implementation=attn)
         optim = arr.actor.optim
         self.optimizer = torch.optim.AdamW(self.actor.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
                                            betas=tuple(optim.betas))
@@ -168,11 +186,23 @@ class ActorRolloutRefWorker:
             self.optimizer, warmup_lambda(int(optim.lr_warmup_steps), lambda: self.lr_decay))
         if self.enable_ref:
             self.ref = build_fsdp_model(path, self.device, self.dtype, train=False,
-                                        param_offload=arr.ref.param_offload, trust_remote_code=remote)
+                                        param_offload=arr.ref.param_offload, trust_remote_code=remote,
+                                        attn_implementation=attn)
         if self.enable_rollout:
             from agentevolver.workers.rollout import make_rollout_engine
 
-            self.rollout = make_rollout_engine(arr.rollout.name, path, arr.rollout, self.device, self.dtype)
+            self.rollout = make_rollout_engine(arr.rollout.name, path, arr.rollout, self.device, self.dtype,
+                                               **self.rollout_options())
+
+    def rollout_options(self) -> dict[str, Any]:
+        """This rank's engine options: its own seed (trainer.seed + rank), its rank (per-rank caches),
+        the longest sequence the config allows, the attention kernel."""
+        cfg = self.config
+        return {"seed": int(cfg.trainer.seed) + self.rank, "rank": self.rank,
+                "max_model_len": rollout_max_model_len(cfg.data.max_prompt_length, cfg.data.max_response_length,
+                                                       cfg.actor_rollout_ref.rollout.response_length,
+                                                       cfg.env.rollout_mode),
+                "attn_implementation": getattr(self, "attn_implementation", "sdpa")}
 
     # ------------------------------------------------------------------ rollout
     def generate(self, prompts: list[list[int]], params: Any) -> list:
@@ -185,24 +215,59 @@ class ActorRolloutRefWorker:
             self.rollout.sleep()
             self._rollout_asleep = True
 
-    def _wake_rollout(self) -> None:
+    def _wake_rollout(self, tags: list[str] | None = None) -> None:
         if self.rollout is not None and self._rollout_asleep:
-            self.rollout.wake_up()
-            self._rollout_asleep = False
+            self.rollout.wake_up(tags)
+            self._rollout_asleep = tags is not None and "kv_cache" not in tags
 
     def _gather_full(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) actor weights on every rank. A collective (all-gathers).
         cpu_offload=False: with it, only rank 0 would receive the full dict, and every rank hosts an engine."""
         return get_model_state_dict(self.actor, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
 
+    def iter_rollout_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor in the ROLLOUT dtype), one state-dict entry at a time. A collective: every
+        rank must consume it to the end, in the same order (each entry is an all-gather).
+
+        Each entry is gathered and cast right away, so at most ONE full fp32 tensor exists at a time
+        (3B: the 1.2 GiB embedding), never the whole fp32 master copy (~11.5 GiB). Tied weights are
+        gathered once; the shared tensor is kept only until its last name is yielded."""
+        sd = self.actor.state_dict()
+        remaining = Counter(id(t) for t in sd.values())
+        shared: dict[int, torch.Tensor] = {}
+        for name, t in sd.items():
+            key = id(t)
+            full = shared.pop(key) if key in shared else gather_full_tensor(t, self.dtype)
+            remaining[key] -= 1
+            if remaining[key]:
+                shared[key] = full
+            yield name, full
+            del full
+
+    def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full actor weights in the rollout dtype as one dict (engines that need them all at once:
+        hf's load_state_dict, vLLM's rebuild). Transient: the rollout-dtype model (3B bf16: ~5.8 GiB)
+        plus one fp32 tensor. A collective."""
+        return dict(self.iter_rollout_weights())
+
     def _push_weights(self, version: int) -> None:
-        """Full actor weights -> this rank's rollout engine."""
-        sd = self._gather_full()
+        """Full actor weights -> this rank's rollout engine: wake the engine's weights, load, then its KV
+        cache, so the KV cache is not resident while the new weights are in flight. An engine that
+        streams (vLLM's in-place reload) gets the per-tensor iterator: nothing beyond one tensor is
+        materialised next to its own weights."""
+        self._wake_rollout(["weights"])
         self.version = version
-        if self.rollout is not None:
-            self._wake_rollout()
-            self.rollout.load_weights(sd, version)
-        del sd
+        if self.rollout is not None and self.rollout.streams_weights:
+            stream = self.iter_rollout_weights()
+            self.rollout.load_weights(stream, version)
+            for _ in stream:  # the gathers are collectives: finish them whatever the engine consumed
+                pass
+        else:
+            sd = self.rollout_state_dict()  # every rank gathers (a collective), engine or not
+            if self.rollout is not None:
+                self.rollout.load_weights(sd, version)
+            del sd
+        self._wake_rollout(["kv_cache"])
 
     def sync_weights(self) -> int:
         """Push the current actor weights to the rollout engine as policy version + 1."""

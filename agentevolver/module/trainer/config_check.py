@@ -7,14 +7,17 @@ reported as such even where the model or data is not there yet.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
 from agentevolver.module.trainer.config_schema import ConfigError, check_rules, check_schema, fail
+from agentevolver.workers.rollout.base import flash_attn_available, rollout_max_model_len
 
-__all__ = ["ConfigError", "check_chat_template", "check_environment", "check_values", "validate_config"]  # ConfigError: what callers catch
+__all__ = ["ConfigError", "check_chat_template", "check_environment", "check_gpu_environment", "check_values",
+           "validate_config"]  # ConfigError: what callers catch
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -56,6 +59,7 @@ def check_environment(cfg: DictConfig) -> None:
              "no HF model folder (config.json) there; for the CPU default build one with "
              "`python -m agentevolver.models.build_tiny --out models/tiny-qwen2`")
     check_chat_template(cfg)
+    check_gpu_environment(cfg, device, model_path)
     check_data(cfg)
     mode = cfg.trainer.resume_mode
     if mode not in RESUME_MODES and not Path(mode).is_dir():
@@ -81,6 +85,24 @@ def check_chat_template(cfg: DictConfig) -> None:
     if cfg.env.rollout_mode == "trajectory" and not turns.appends:
         fail("env.rollout_mode", "trajectory", f"the chat template of {model_path} does not append "
              f"({turns.why_not}): use env.rollout_mode=step, or a model whose template appends")
+
+
+def check_gpu_environment(cfg: DictConfig, device: str, model_path: Path) -> None:
+    """The attention kernel against this machine, the sequence budget against the model's positions."""
+    attn = cfg.actor_rollout_ref.model.attn_implementation
+    if attn == "flash_attention_2" and not (device == "cuda" and flash_attn_available()):
+        fail("actor_rollout_ref.model.attn_implementation", attn,
+             "needs CUDA and the flash-attn package (README: GPU setup): use auto or sdpa")
+    limit = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings")
+    need = rollout_max_model_len(cfg.data.max_prompt_length, cfg.data.max_response_length,
+                                 cfg.actor_rollout_ref.rollout.response_length, cfg.env.rollout_mode)
+    if limit is not None and need > limit:
+        trajectory = cfg.env.rollout_mode == "trajectory"
+        key = "data.max_response_length" if trajectory else "data.max_prompt_length"
+        terms = "max_prompt_length + max_response_length + rollout.response_length" if trajectory else \
+            "max_prompt_length + rollout.response_length"
+        fail(key, OmegaConf.select(cfg, key), f"data.{terms} = {need} exceeds the model's "
+             f"max_position_embeddings ({limit}) in env.rollout_mode={cfg.env.rollout_mode}")
 
 
 def check_data(cfg: DictConfig) -> None:

@@ -37,6 +37,7 @@ from agentevolver.sft import TEACHERS
 from agentevolver.utils.dist import DEVICES, DTYPE_CHOICES
 from agentevolver.workers.fsdp_worker import LR_SCHEDULERS, REF_ENABLE
 from agentevolver.workers.rollout import ROLLOUT_ENGINES
+from agentevolver.workers.rollout.base import ATTN_IMPLEMENTATIONS
 from agentevolver.workers.rollout.vllm_rollout import VLLM_SYNC_MODES
 
 
@@ -217,6 +218,7 @@ SCHEMA: dict[str, Check] = {
     "actor_rollout_ref.model.path": Str("a local HF model folder"),
     "actor_rollout_ref.model.enable_gradient_checkpointing": Bool(),
     "actor_rollout_ref.model.trust_remote_code": Bool(),
+    "actor_rollout_ref.model.attn_implementation": OneOf(ATTN_IMPLEMENTATIONS),
     "actor_rollout_ref.actor.ppo_mini_batch_size": POS_INT,
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": POS_INT,
     "actor_rollout_ref.actor.ppo_epochs": POS_INT,
@@ -407,10 +409,32 @@ def rollout_correction_bounds_and_bypass(cfg: DictConfig) -> None:
                      "ratio is 1: use null")
 
 
+def one_gpu_per_engine(cfg: DictConfig) -> None:
+    tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
+    if tp != 1:
+        fail("actor_rollout_ref.rollout.tensor_model_parallel_size", tp,
+             "must be 1: each rank's Ray actor owns one GPU, so an engine cannot span several")
+
+
+def temperatures_vllm_accepts(cfg: DictConfig) -> None:
+    """vLLM raises 0 < T < 0.01 to 0.01 (vllm/sampling_params.py:557-565), so its log-probs would not be
+    the actor's; greedy with n > 1 it refuses ("n must be 1 when using greedy sampling", :766-769)."""
+    rollout = cfg.actor_rollout_ref.rollout
+    for prefix, node in (("actor_rollout_ref.rollout", rollout), ("actor_rollout_ref.rollout.val_kwargs",
+                                                                   rollout.val_kwargs)):
+        key, temperature, n = f"{prefix}.temperature", node.temperature, node.n
+        if 0 < temperature < 0.01:
+            fail(key, temperature, "must be 0 (greedy) or in [0.01, 2] (vLLM raises smaller values to 0.01)")
+        if temperature == 0 and n > 1:
+            fail(f"{prefix}.n", n, f"greedy sampling ({key}=0) gives n identical samples: use n=1 or a "
+                 "temperature > 0")
+
+
 RULES: tuple[Callable[[DictConfig], None], ...] = (
     step_estimator_needs_step_mode, group_estimator_needs_a_group, mini_batch_divides_rows,
     micro_batch_fits_mini_batch, trajectory_mode_keeps_all_history, step_mode_has_no_kl_in_reward,
     overlong_buffer_fits_response, policy_loss_settings_agree, rollout_correction_bounds_and_bypass,
+    one_gpu_per_engine, temperatures_vllm_accepts,
 )
 
 

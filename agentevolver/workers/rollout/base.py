@@ -75,14 +75,63 @@ def trim_at_stop(token_ids: list[int], log_probs: list[float], stop_ids: list[in
     return list(token_ids[:n]), list(log_probs[:n]), "length"
 
 
-class RolloutEngine(ABC):
-    """Generation backend. `config` is the `actor_rollout_ref.rollout` omegaconf node."""
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # actor_rollout_ref.model.attn_implementation
+WAKE_TAGS = ("weights", "kv_cache")  # what wake_up(tags) restores; None = everything
 
-    def __init__(self, model_path: str, config: Any, device: str, dtype: torch.dtype) -> None:
+
+def flash_attn_available() -> bool:
+    """Whether the flash-attn package imports (transformers' flash_attention_2 needs it)."""
+    try:
+        import flash_attn  # noqa: F401
+    except (ImportError, OSError):  # absent, or a wheel built for another torch/CUDA (undefined symbol)
+        return False
+    return True
+
+
+def resolve_attn_implementation(name: str, device: str) -> str:
+    """auto -> flash_attention_2 on CUDA when flash-attn imports, else sdpa; explicit names pass through.
+
+    flash_attention_2 without a GPU or without flash-attn is a user error (config_check reports it
+    as one line before anything starts; this raises the same for direct callers)."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+    if name == "auto":
+        return "flash_attention_2" if device == "cuda" and flash_attn_available() else "sdpa"
+    if name == "flash_attention_2" and (device != "cuda" or not flash_attn_available()):
+        raise ValueError("attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
+                         "(README: GPU setup); use auto or sdpa")
+    return name
+
+
+def rollout_max_model_len(max_prompt_length: int, max_response_length: int, response_length: int,
+                          rollout_mode: str) -> int:
+    """Longest sequence (prompt + generated) the rollout engine is asked to hold.
+
+    trajectory: the engine's prompt is the whole episode so far, < max_prompt_length + max_response_length
+    tokens, and one turn adds up to response_length:  P + R_max + r.
+    step: one turn's prompt (<= max_prompt_length) plus one turn's response:  P + r.
+    """
+    if rollout_mode == "trajectory":
+        return int(max_prompt_length) + int(max_response_length) + int(response_length)
+    return int(max_prompt_length) + int(response_length)
+
+
+class RolloutEngine(ABC):
+    """Generation backend. `config` is the `actor_rollout_ref.rollout` omegaconf node.
+
+    seed: the engine's base seed (trainer.seed + rank, so ranks sample differently); rank: this
+    process's rank (per-rank caches); max_model_len: longest sequence (rollout_max_model_len; None =
+    the model's own limit); attn_implementation: transformers' attention kernel (engines on HF
+    modeling code)."""
+
+    def __init__(self, model_path: str, config: Any, device: str, dtype: torch.dtype, *, seed: int = 0,
+                 rank: int = 0, max_model_len: int | None = None, attn_implementation: str = "sdpa") -> None:
         self.model_path = str(model_path)
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
+        self.seed, self.rank, self.max_model_len = int(seed), int(rank), max_model_len
+        self.attn_implementation = attn_implementation
         self.policy_version = 0
         self.eos_token_ids = model_eos_token_ids(self.model_path)
 
@@ -90,15 +139,24 @@ class RolloutEngine(ABC):
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenOutput]]:
         """For each prompt (a list of token ids), params.n outputs."""
 
+    @property
+    def streams_weights(self) -> bool:
+        """True: load_weights takes an iterator of (name, tensor) and consumes it once, so the sync
+        never holds a second full copy of the weights. False: it gets a dict."""
+        return False
+
     @abstractmethod
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Replace the weights with the actor's full HF-named state dict; set policy_version."""
+        """Replace the weights with the actor's full HF-named state dict (an iterator of (name, tensor)
+        pairs when streams_weights); set policy_version."""
 
     def sleep(self) -> None:
         """Free accelerator memory before the actor update (weights may be dropped)."""
 
-    def wake_up(self) -> None:
-        """Restore what sleep() freed."""
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what sleep() freed: tags=None everything, or a subset of WAKE_TAGS. The weight sync
+        wakes ["weights"], loads, then wakes ["kv_cache"], so the KV cache is not resident while the
+        new weights are handed over (a lower peak)."""
 
     def stop_ids(self, params: SamplingParams) -> list[int]:
         return sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
@@ -137,8 +195,9 @@ def register_rollout_engine(name: str) -> Callable:
 
 
 def make_rollout_engine(name: str, model_path: str, config: Any, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> RolloutEngine:
-    """Create the engine registered under `name` (actor_rollout_ref.rollout.name)."""
+                        dtype: torch.dtype = torch.float32, **options: Any) -> RolloutEngine:
+    """Create the engine registered under `name` (actor_rollout_ref.rollout.name); `options` are the
+    keyword arguments of RolloutEngine.__init__ (seed, rank, max_model_len, attn_implementation)."""
     if name not in ROLLOUT_ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; valid names: {sorted(ROLLOUT_ENGINES)}")
-    return ROLLOUT_ENGINES[name](model_path, config, device, dtype)
+    return ROLLOUT_ENGINES[name](model_path, config, device, dtype, **options)

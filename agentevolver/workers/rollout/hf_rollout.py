@@ -10,6 +10,7 @@ to limit padding); output is stripped at the first stop token.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -50,11 +51,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 @register_rollout_engine("hf")
 class HFRolloutEngine(RolloutEngine):
-    def __init__(self, model_path: str, config: Any, device: str, dtype: torch.dtype) -> None:
-        super().__init__(model_path, config, device, dtype)
+    def __init__(self, model_path: str, config: Any, device: str, dtype: torch.dtype, **options: Any) -> None:
+        super().__init__(model_path, config, device, dtype, **options)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=dtype, attn_implementation=self.attn_implementation).to(self.device).eval()
         tok = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_ids[0]
         self.max_num_seqs = int(config.max_num_seqs)
@@ -114,11 +116,31 @@ class HFRolloutEngine(RolloutEngine):
         return [GenOutput(*trim_at_stop(tok_mat[i].tolist(), lp_mat[i].tolist(), stop_ids), self.policy_version)
                 for i in range(B)]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+    @property
+    def streams_weights(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                     version: int) -> None:
+        """Copy each incoming tensor into its parameter as it arrives (a dict or a stream of pairs), so a
+        sync holds at most one incoming tensor beside the engine's own weights."""
+        targets = self.model.state_dict(keep_vars=True)  # params + persistent buffers, tied names included
+        pairs = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+        loaded, unexpected = set(), []
+        for name, tensor in pairs:
+            if name not in targets:
+                unexpected.append(name)
+                continue
+            if targets[name].shape != tensor.shape:  # copy_ would broadcast silently
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(targets[name].shape)} "
+                                 f"of {self.model_path}")
+            targets[name].data.copy_(tensor)
+            loaded.add(name)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise ValueError(f"state dict does not match {self.model_path}: missing {sorted(set(missing) - tied)}"
+        missing = set(targets) - loaded - tied
+        if unexpected or missing:
+            raise ValueError(f"state dict does not match {self.model_path}: missing {sorted(missing)}"
                              f", unexpected {sorted(unexpected)}")
         self.policy_version = int(version)
 
@@ -129,7 +151,8 @@ class HFRolloutEngine(RolloutEngine):
             torch.cuda.empty_cache()
             self._offloaded = True
 
-    def wake_up(self) -> None:
-        if self._offloaded:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """The weights are all there is to restore (the KV cache lives per generate call)."""
+        if self._offloaded and (tags is None or "weights" in tags):
             self.model.to(self.device)
             self._offloaded = False

@@ -28,12 +28,15 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from agentevolver.utils.dist import preserve_rng_state
 from agentevolver.workers.rollout.base import (
+    WAKE_TAGS,
     GenOutput,
     RolloutEngine,
     SamplingParams,
@@ -62,16 +65,53 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], base_model_path: str, o
     return out
 
 
+def vllm_cache_root(env: dict[str, str], rank: int) -> str:
+    """This rank's own vLLM cache root (torch.compile artefacts live under it).
+
+    Ranks on one node would otherwise write the same `<VLLM_CACHE_ROOT>/torch_compile_cache/<hash>`
+    folder at once (vllm/compilation/backends.py:1075; the root defaults to $XDG_CACHE_HOME/vllm or
+    ~/.cache/vllm, vllm/envs.py:712). Idempotent, so an engine rebuilt in the same process keeps it."""
+    base = env.get("VLLM_CACHE_ROOT") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm")
+    leaf = f"rank{int(rank)}"
+    return base if os.path.basename(os.path.normpath(base)) == leaf else os.path.join(base, leaf)
+
+
+def _teardown_parallel_state(owns_world: bool) -> None:
+    """Free vLLM's model-parallel groups before a rebuild. Its world group and torch.distributed's
+    default group are destroyed ONLY when vLLM created them: destroy_distributed_environment() calls
+    torch.distributed.destroy_process_group() (vllm/distributed/parallel_state.py:2512-2513), which would
+    tear down the trainer's own group. A kept world is adopted again by the next engine
+    (parallel_state.py:1905 `if not torch.distributed.is_initialized()` / :1988 `if _WORLD is None`)."""
+    try:
+        from vllm.distributed.parallel_state import (
+            destroy_distributed_environment,
+            destroy_model_parallel,
+        )
+    except ImportError:
+        return
+    try:
+        destroy_model_parallel()
+        if owns_world:
+            destroy_distributed_environment()
+    except (AssertionError, RuntimeError):
+        pass
+
+
 @register_rollout_engine("vllm")
 class VLLMRolloutEngine(RolloutEngine):
-    def __init__(self, model_path: str, config: Any, device: str, dtype: torch.dtype) -> None:
-        super().__init__(model_path, config, device, dtype)
+    def __init__(self, model_path: str, config: Any, device: str, dtype: torch.dtype, **options: Any) -> None:
+        super().__init__(model_path, config, device, dtype, **options)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # before the first engine: vLLM caches its env vars once an engine core is up (v1/engine/core.py:258)
+        os.environ["VLLM_CACHE_ROOT"] = vllm_cache_root(os.environ, self.rank)
         if self.device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
+        # a process group that exists before the first engine is the trainer's: never destroy it
+        self._owns_world = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         self.tp_size = int(config.tensor_model_parallel_size)
         self.sleep_enabled = self.device.type == "cuda" and bool(config.free_cache_engine)
-        self._asleep = False
+        self._asleep, self._asleep_tags = False, set()
         self._warned_truncation = False
         self.sync_mode = str(config.get("vllm_sync_mode", "reload"))  # see module docstring
         self._tmp = tempfile.TemporaryDirectory(prefix="ae_vllm_weights_")
@@ -83,12 +123,18 @@ class VLLMRolloutEngine(RolloutEngine):
         kw: dict[str, Any] = {
             "model": path, "tokenizer": self.model_path, "dtype": _DTYPES.get(self.dtype, "auto"),
             "tensor_parallel_size": self.tp_size, "max_num_seqs": int(self.config.max_num_seqs),
-            "enforce_eager": bool(self.config.enforce_eager), "logprobs_mode": "processed_logprobs", "seed": 0,
+            "enforce_eager": bool(self.config.enforce_eager), "logprobs_mode": "processed_logprobs",
+            # trainer.seed + rank: unseeded requests must not sample alike on every rank
+            "seed": self.seed,
         }
+        if self.max_model_len is not None:
+            kw["max_model_len"] = int(self.max_model_len)
         if self.device.type == "cuda":
             kw.update(gpu_memory_utilization=float(self.config.gpu_memory_utilization),
                       enable_sleep_mode=self.sleep_enabled)
-        return LLM(**kw)
+        # vLLM's worker init reseeds this process's RNGs with `seed`; keep the trainer's streams
+        with preserve_rng_state():
+            return LLM(**kw)
 
     def _vllm_params(self, params: SamplingParams, seed: int | None):
         from vllm import SamplingParams as VSP
@@ -126,21 +172,29 @@ class VLLMRolloutEngine(RolloutEngine):
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         if self.sync_mode not in VLLM_SYNC_MODES:
             raise ValueError(f"unknown vllm sync_mode {self.sync_mode!r}; valid names: {list(VLLM_SYNC_MODES)}")
-        if self._asleep:
-            self.wake_up()
+        if self._asleep:  # the worker woke ["weights"] already; a direct caller gets them here
+            self.wake_up(tags=["weights"])
         if self.sync_mode == "rebuild":
-            self._rebuild(state_dict)
+            self._rebuild(state_dict if isinstance(state_dict, Mapping) else dict(state_dict))
         else:
             self._reload_in_place(state_dict)
         self.policy_version = int(version)
 
-    def _reload_in_place(self, state_dict: dict[str, torch.Tensor]) -> None:
-        if self.tp_size == 1:  # same process: tensors by reference
+    @property
+    def streams_weights(self) -> bool:
+        """The in-place reload of one in-process worker (TP=1) reads the weights as an iterator
+        (vllm/model_executor/model_loader/reload/inplace.py:95 `model.load_weights(weights_iterator)`),
+        so the worker can hand them over one gathered tensor at a time."""
+        return self.sync_mode == "reload" and self.tp_size == 1
+
+    def _reload_in_place(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        pairs = weights.items() if isinstance(weights, Mapping) else weights
+        if self.tp_size == 1:  # same process (UniProcExecutor runs the function in place): by reference
             def _load(worker, weights):
                 worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-            self.llm.collective_rpc(_load, args=(list(state_dict.items()),))
+            self.llm.collective_rpc(_load, args=(pairs,))
         else:  # TP ranks are other processes: hand them a folder (tmpfs when available)
-            folder = write_hf_folder(state_dict, self.model_path, Path(self._tmp.name) / "sync")
+            folder = write_hf_folder(dict(pairs), self.model_path, Path(self._tmp.name) / "sync")
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder),
                                                               "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
@@ -159,24 +213,20 @@ class VLLMRolloutEngine(RolloutEngine):
         if llm is not None and hasattr(llm.llm_engine, "shutdown"):
             llm.llm_engine.shutdown()
         del llm
-        try:
-            from vllm.distributed.parallel_state import (
-                destroy_distributed_environment,
-                destroy_model_parallel,
-            )
-
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        except (ImportError, AssertionError, RuntimeError):
-            pass
+        _teardown_parallel_state(self._owns_world)
         gc.collect()
 
     def sleep(self) -> None:
         if self.sleep_enabled and not self._asleep:
             self.llm.sleep(level=1)
-            self._asleep = True
+            self._asleep, self._asleep_tags = True, set(WAKE_TAGS)
 
-    def wake_up(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Partial wakes (vLLM resumes scheduling once every allocation is back, v1/engine/core.py:1014-1018)."""
+        if not self._asleep:
+            return
+        wake = set(WAKE_TAGS) if tags is None else set(tags) & self._asleep_tags
+        if wake:
+            self.llm.wake_up(tags=sorted(wake))
+            self._asleep_tags -= wake
+        self._asleep = bool(self._asleep_tags)
