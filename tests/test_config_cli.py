@@ -20,11 +20,9 @@ HAS_VLLM = _VLLM is not None and _VLLM.origin is not None  # origin None: only t
 
 
 @pytest.fixture(scope="module")
-def fake_model(tmp_path_factory) -> Path:
-    """A folder that passes the model-path check (the check looks for an HF config.json only)."""
-    path = tmp_path_factory.mktemp("model")
-    (path / "config.json").write_text("{}")
-    return path
+def fake_model(tiny_model_dir) -> Path:
+    """A folder that passes the model-folder check (config, complete weights, a tokenizer that round-trips)."""
+    return tiny_model_dir
 
 
 def run_cli(*overrides: str, config: str = "alfworld_dapo_tiny") -> tuple[int, str, float]:

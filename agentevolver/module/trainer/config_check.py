@@ -54,10 +54,7 @@ def check_environment(cfg: DictConfig) -> None:
             fail("trainer.n_gpus_per_node", cfg.trainer.n_gpus_per_node,
                  f"only {visible} GPU(s) visible on this node: {valid}")
     model_path = Path(str(cfg.actor_rollout_ref.model.path))
-    if not (model_path / "config.json").is_file():
-        fail("actor_rollout_ref.model.path", str(model_path),
-             "no HF model folder (config.json) there; for the CPU default build one with "
-             "`python -m agentevolver.models.build_tiny --out models/tiny-qwen2`")
+    check_model(cfg)
     check_chat_template(cfg)
     check_gpu_environment(cfg, device, model_path)
     check_data(cfg)
@@ -103,6 +100,17 @@ def check_gpu_environment(cfg: DictConfig, device: str, model_path: Path) -> Non
             "max_prompt_length + rollout.response_length"
         fail(key, OmegaConf.select(cfg, key), f"data.{terms} = {need} exceeds the model's "
              f"max_position_embeddings ({limit}) in env.rollout_mode={cfg.env.rollout_mode}")
+def check_model(cfg: DictConfig) -> None:
+    """The model folder: config.json, complete weights, a tokenizer that round-trips (model_check)."""
+    from agentevolver.module.trainer.model_check import ModelFolderError, check_model_folder
+
+    model = cfg.actor_rollout_ref.model
+    try:
+        check_model_folder(str(model.path), trust_remote_code=bool(model.trust_remote_code))
+    except ModelFolderError as e:
+        hint = ("" if Path(str(model.path)).is_dir() else "; for the CPU default build one with "
+                "`python -m agentevolver.models.build_tiny --out models/tiny-qwen2`")
+        raise ConfigError(f"actor_rollout_ref.model.path={str(model.path)!r} is invalid: {e}{hint}") from None
 
 
 def check_data(cfg: DictConfig) -> None:
