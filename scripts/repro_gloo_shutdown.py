@@ -16,9 +16,9 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_actor_fsdp import make_batch, make_config, make_tiny_model  # noqa: E402
+from test_actor_fsdp import make_batch, make_config, make_tiny_model
 
-from agentevolver.utils.dist import free_port  # noqa: E402
+from agentevolver.utils.dist import free_port
 
 
 def _target(rank: int, world: int, port: int, cfg, update: bool) -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     for i in range(args.runs):
         try:
             mp.spawn(_target, args=(2, free_port(), cfg, args.update), nprocs=2, join=True)
-        except Exception as e:  # ProcessExitedException / ProcessRaisedException
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
             failures.append(f"run {i}: {type(e).__name__}: {str(e).splitlines()[0]}")
             print(failures[-1], flush=True)
     print(f"{args.runs} runs, {len(failures)} abnormal exits, {time.time() - t0:.0f} s", flush=True)
