@@ -5,8 +5,10 @@ line on stderr (no traceback).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -29,15 +31,35 @@ def validated(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+@contextlib.contextmanager
+def output_dir_locked(cfg: DictConfig) -> Iterator[None]:
+    """Hold trainer.default_local_dir for the life of the run; a second run there exits 2 with one line."""
+    from agentevolver.module.trainer.run_lock import RunLock, RunLockError
+
+    lock = RunLock(cfg.trainer.default_local_dir)
+    try:
+        note = lock.acquire()
+    except RunLockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if note:
+        print(note, flush=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run(cfg: DictConfig) -> dict:
     validated(cfg)  # before importing the trainer: its imports (ray, textworld) take seconds
     from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
 
-    trainer = RayTrainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.shutdown()
+    with output_dir_locked(cfg):
+        trainer = RayTrainer(cfg)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.shutdown()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="alfworld_dapo_tiny", version_base=None)
