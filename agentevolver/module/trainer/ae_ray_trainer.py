@@ -329,10 +329,13 @@ class RayTrainer:
                 "driver_rng": base64.b64encode(pickle.dumps(rng)).decode()}
 
     def _save_checkpoint(self) -> None:
-        self.ckpt.save(self.global_step, self._trainer_state(), lambda path: self.workers.save_checkpoint(str(path)))
+        self.ckpt.save(self.global_step, self._trainer_state(), lambda path: self.workers.save_checkpoint(str(path)),
+                       world_size=self.workers.world_size)
 
     def _maybe_resume(self) -> str | None:
-        path = self.ckpt.find_resume(str(self.cfg.trainer.resume_mode))
+        path, note = self.ckpt.find_resume(str(self.cfg.trainer.resume_mode))
+        if note:  # newer checkpoints that are incomplete (a crash mid-save, a truncated shard)
+            print(note, flush=True)
         if path is None:
             return None
         state = self.ckpt.load_trainer_state(path)

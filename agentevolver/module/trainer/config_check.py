@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
+from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES, checkpoint_problem
 from agentevolver.module.trainer.config_schema import ConfigError, check_rules, check_schema, fail
 from agentevolver.workers.rollout.base import flash_attn_available, rollout_max_model_len
 
@@ -58,10 +58,21 @@ def check_environment(cfg: DictConfig) -> None:
     check_chat_template(cfg)
     check_gpu_environment(cfg, device, model_path)
     check_data(cfg)
+    check_resume(cfg)
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """A checkpoint named in trainer.resume_mode must be complete (checkpoint_manager's marker)."""
     mode = cfg.trainer.resume_mode
-    if mode not in RESUME_MODES and not Path(mode).is_dir():
+    if mode in RESUME_MODES:
+        return
+    if not Path(mode).is_dir():
         fail("trainer.resume_mode", mode, f"must be one of {', '.join(RESUME_MODES)}, or an existing "
              "global_step_N folder")
+    problem = checkpoint_problem(mode)
+    if problem:
+        fail("trainer.resume_mode", mode, f"not a complete checkpoint: {problem}; name a complete "
+             "global_step_N folder, or use auto (the newest complete one)")
 
 
 def check_chat_template(cfg: DictConfig) -> None:
