@@ -104,31 +104,89 @@ def read_task_type(game_dir: str | os.PathLike) -> str:
     return _task_type_from_dir_name(game_dir.parent.name)
 
 
-def _is_solvable(game_file: Path) -> bool:
-    # The flag is at the end of a large JSON file; read it the way alfworld's loader does.
-    with open(game_file) as f:
-        return bool(json.load(f).get("solvable", False))
+# What the engine reads from a game file at load (engine._CachedPddlEnv.load).
+REQUIRED_GAME_KEYS = ("pddl_domain", "pddl_problem", "grammar")
+BROKEN_GAMES_FILE = "broken_games.txt"
 
 
-def games_under(
+@dataclass(frozen=True)
+class BrokenGame:
+    """A game folder the start-up scan cannot use, and why (one phrase)."""
+
+    game_dir: str
+    reason: str
+
+
+@dataclass
+class GameScan:
+    """The start-up scan of one split: playable games, and broken ones (skipped, reported)."""
+
+    split: str
+    games: list[GameSpec]
+    broken: list[BrokenGame]
+
+    @property
+    def broken_frac(self) -> float:
+        total = len(self.games) + len(self.broken)
+        return len(self.broken) / total if total else 0.0
+
+
+def _read_game(game_file: Path) -> tuple[dict | None, str | None]:
+    """(game data, None) or (None, why it is unusable). The cheap check: the JSON parses and holds what
+    the engine's load reads. The PDDL itself is only compiled at load (~0.5 s a game: too slow to do
+    for every game at start); a game that fails there is named once by the env pool (env_error)."""
+    try:
+        with open(game_file) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{GAME_FILE} unreadable ({type(e).__name__}: {e})"
+    except json.JSONDecodeError as e:
+        return None, f"{GAME_FILE} is not valid JSON ({e})"
+    if not isinstance(data, dict):
+        return None, f"{GAME_FILE} is not a JSON object"
+    missing = [k for k in REQUIRED_GAME_KEYS if not isinstance(data.get(k), str) or not data.get(k)]
+    if missing:
+        return None, f"{GAME_FILE} lacks {', '.join(missing)}"
+    return data, None
+
+
+def scan_games(
     folder: str | os.PathLike, split: str = "", task_types: Iterable[str] | None = None
-) -> list[GameSpec]:
-    """Every playable game below `folder`, sorted by path; skips unsolvable / `movable` / `Sliced`."""
+) -> GameScan:
+    """Every game folder below `folder`, sorted by path: playable games, and broken ones (a game file
+    that does not parse or lacks what the engine reads; a trial folder whose game.tw-pddl is gone).
+    Unsolvable / `movable` / `Sliced` games are skipped by design and not counted as broken."""
     folder = Path(folder)
     wanted = _check_task_types(task_types)
-    specs = []
-    for game_file in sorted(folder.rglob(GAME_FILE)):
-        game_dir = game_file.parent
+    specs, broken = [], []
+    game_dirs = {p.parent for p in folder.rglob(GAME_FILE)} | {p.parent for p in folder.rglob(TRAJ_FILE)}
+    for game_dir in sorted(game_dirs):
         if "movable" in str(game_dir) or "Sliced" in str(game_dir):
             continue  # alfworld's loaders skip these (not supported by the text engine)
-        if not _is_solvable(game_file):
+        game_file = game_dir / GAME_FILE
+        if not game_file.is_file():
+            broken.append(BrokenGame(str(game_dir), f"{GAME_FILE} missing (only {TRAJ_FILE} there)"))
+            continue
+        data, problem = _read_game(game_file)
+        if problem:
+            broken.append(BrokenGame(str(game_dir), problem))
+            continue
+        if not data.get("solvable", False):
             continue
         task_type = read_task_type(game_dir)
         if wanted is not None and task_type not in wanted:
             continue
         task_id = f"{game_dir.parent.name}/{game_dir.name}"
         specs.append(GameSpec(str(game_dir), task_type, task_id, split))
-    return specs
+    return GameScan(split, specs, broken)
+
+
+def games_under(
+    folder: str | os.PathLike, split: str = "", task_types: Iterable[str] | None = None
+) -> list[GameSpec]:
+    """Every playable game below `folder`, sorted by path; skips unsolvable / `movable` / `Sliced` and
+    broken games (`scan_games` lists those)."""
+    return scan_games(folder, split, task_types).games
 
 
 def _check_task_types(task_types: Iterable[str] | None) -> set[str] | None:
@@ -141,10 +199,10 @@ def _check_task_types(task_types: Iterable[str] | None) -> set[str] | None:
     return wanted
 
 
-def list_games(
+def scan_split(
     data_dir: str | os.PathLike | None, split: str, task_types: Iterable[str] | None = None
-) -> list[GameSpec]:
-    """Games of one split, sorted by path (fixed order: an eval pass plays each game exactly once)."""
+) -> GameScan:
+    """The scan of one split (sorted by path); raises when the split folder is not there."""
     root = resolve_data_dir(data_dir) / DATA_SUBDIR
     splits = available_splits(root.parent)
     if split not in splits:
@@ -152,13 +210,54 @@ def list_games(
             f"split {split!r} not found under {root}; available splits: {', '.join(splits) or 'none'} "
             f"(official: {', '.join(KNOWN_SPLITS)})"
         )
-    games = games_under(root / split, split=split, task_types=task_types)
-    if not games:
+    return scan_games(root / split, split=split, task_types=task_types)
+
+
+def list_games(
+    data_dir: str | os.PathLike | None, split: str, task_types: Iterable[str] | None = None
+) -> list[GameSpec]:
+    """Games of one split, sorted by path (fixed order: an eval pass plays each game exactly once);
+    broken games are left out (`scan_split` reports them)."""
+    scan = scan_split(data_dir, split, task_types)
+    if not scan.games:
+        root = resolve_data_dir(data_dir) / DATA_SUBDIR
         raise AlfworldDataError(
-            f"no playable games in split {split!r} under {root} (task_types={task_types}); "
-            f"available splits: {', '.join(splits)}"
+            f"no playable games in split {split!r} under {root} (task_types={task_types}; "
+            f"{len(scan.broken)} broken); available splits: {', '.join(available_splits(root.parent))}"
         )
-    return games
+    return scan.games
+
+
+def check_broken_games(scans: Sequence[GameScan], max_broken_frac: float, key: str) -> str | None:
+    """The one summary line about broken games (None when there are none); raises AlfworldDataError
+    when a split has no playable game left, or more than `max_broken_frac` of its games are broken."""
+    broken = [b for scan in scans for b in scan.broken]
+    for scan in scans:
+        total = len(scan.games) + len(scan.broken)
+        example = f", e.g. {scan.broken[0].game_dir}: {scan.broken[0].reason}" if scan.broken else ""
+        if not scan.games:
+            raise AlfworldDataError(f"no playable game left in split {scan.split!r} after skipping "
+                                    f"{len(scan.broken)} broken one(s){example}" if scan.broken else
+                                    f"no playable games in split {scan.split!r}")
+        if scan.broken_frac > max_broken_frac:
+            raise AlfworldDataError(
+                f"{key}={max_broken_frac}: {len(scan.broken)} of {total} games of split {scan.split!r} are broken "
+                f"({scan.broken_frac:.0%}){example}; fix or remove them, or raise {key}")
+    if not broken:
+        return None
+    return (f"warning: skipping {len(broken)} broken game(s), e.g. {broken[0].game_dir}: {broken[0].reason} "
+            f"(all listed in {BROKEN_GAMES_FILE})")
+
+
+def write_broken_games(scans: Sequence[GameScan], out_dir: str | os.PathLike) -> Path | None:
+    """`<out_dir>/broken_games.txt`: one `path<TAB>reason` line per broken game (None when there are none)."""
+    broken = [b for scan in scans for b in scan.broken]
+    if not broken:
+        return None
+    path = Path(out_dir) / BROKEN_GAMES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{b.game_dir}\t{b.reason}\n" for b in broken))
+    return path
 
 
 def detect_command_wording(games: Sequence[GameSpec | str | os.PathLike]) -> str:

@@ -24,6 +24,8 @@ import ray
 from agentevolver.alfworld.data import GameSpec
 from agentevolver.alfworld.engine import GameEngine, StepResult, cache_stats
 
+RESET_FAILED = "reset failed for "  # the prefix of a game's load failure (EnvWorker.reset)
+
 
 def error_result(message: str, info: dict | None = None) -> StepResult:
     """A terminal StepResult for an episode whose env failed (the trainer marks it `env_error`)."""
@@ -55,7 +57,7 @@ class EnvWorker:
                 out[episode_id] = engine.reset(game_dir)
                 self._live[episode_id] = engine
             except Exception as exc:  # noqa: BLE001 - a broken game must not end the batch
-                out[episode_id] = error_result(f"reset failed for {game_dir}: {type(exc).__name__}: {exc}")
+                out[episode_id] = error_result(f"{RESET_FAILED}{game_dir}: {type(exc).__name__}: {exc}")
         return out
 
     def step(self, actions: dict[str, str]) -> dict[str, StepResult]:
@@ -119,6 +121,7 @@ class EnvPool:
         self.num_restarts = 0
         self._workers = [self._actor_cls.remote() for _ in range(num_workers)]
         self._where: dict[str, int] = {}  # episode_id -> worker index
+        self.failed_games: dict[str, str] = {}  # game folder -> its first load error (named once)
         ray.get([w.stats.remote() for w in self._workers])  # fail fast if actors cannot start
 
     # ---------------------------------------------------------------- public API
@@ -149,7 +152,16 @@ class EnvPool:
         for eid, res in results.items():
             if res.info.get("error"):
                 self._where.pop(eid, None)
+                self._name_failed_game(games[eid], res.info["error"])
         return {eid: results[eid] for eid, _ in requests}
+
+    def _name_failed_game(self, game_dir: str, error: str) -> None:
+        """A game that fails to load (e.g. its PDDL does not compile: the start-up scan only parses the
+        JSON) is named once; each of its episodes still ends as env_error."""
+        if error.startswith(RESET_FAILED) and game_dir not in self.failed_games:
+            self.failed_games[game_dir] = error
+            print(f"warning: env_error: game {game_dir} failed to load ({error.split(': ', 1)[-1]}); "
+                  "its episodes count as env_error", flush=True)
 
     def step(self, actions: dict[str, str]) -> dict[str, StepResult]:
         """Play one command in each listed episode, all workers in parallel."""

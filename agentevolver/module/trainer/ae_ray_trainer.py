@@ -23,7 +23,14 @@ import torch
 from omegaconf import DictConfig
 
 from agentevolver.alfworld.agent import episode_reward, run_episodes
-from agentevolver.alfworld.data import GameSpec, detect_command_wording, list_games, resolve_data_dir
+from agentevolver.alfworld.data import (
+    GameSpec,
+    check_broken_games,
+    detect_command_wording,
+    resolve_data_dir,
+    scan_split,
+    write_broken_games,
+)
 from agentevolver.alfworld.pool import EnvPool
 from agentevolver.module.agent_flow.llm_policy import LLMPolicy
 from agentevolver.module.exp_manager import het_core_algos as algos
@@ -61,10 +68,7 @@ class RayTrainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
-        alf = cfg.env.alfworld
-        data_dir = resolve_data_dir(alf.data_dir)
-        self.val_games = list_games(data_dir, alf.val_split, alf.task_types)
-        self.train_games = [] if cfg.trainer.val_only else list_games(data_dir, alf.train_split, alf.task_types)
+        self._scan_games()
         self.wording = detect_command_wording(self.val_games or self.train_games)
         self.pool = EnvPool(num_workers=cfg.env.pool.num_workers, num_cpus_per_worker=cfg.env.pool.num_cpus_per_worker,
                             step_timeout_s=cfg.env.pool.step_timeout_s, reset_timeout_s=cfg.env.pool.reset_timeout_s)
@@ -136,6 +140,21 @@ class RayTrainer:
         return last
 
     # ------------------------------------------------------------------ rollout
+    def _scan_games(self) -> None:
+        """Train / val games; broken ones are skipped, listed in broken_games.txt and counted
+        (`data/skipped_games`). config_check already refused a start with too many of them."""
+        alf = self.cfg.env.alfworld
+        data_dir = resolve_data_dir(alf.data_dir)
+        splits = [alf.val_split] + ([] if self.cfg.trainer.val_only else [alf.train_split])
+        scans = [scan_split(data_dir, split, alf.task_types) for split in splits]
+        note = check_broken_games(scans, self.cfg.data.max_broken_game_frac, "data.max_broken_game_frac")
+        if note:
+            write_broken_games(scans, self.out_dir)
+            print(note, flush=True)
+        self.skipped_games = len({b.game_dir for scan in scans for b in scan.broken})
+        self.val_games = scans[0].games
+        self.train_games = scans[1].games if len(scans) > 1 else []
+
     def _next_games(self) -> list[GameSpec]:
         """The next train_batch_size games of a seeded per-epoch permutation (resumable by cursor)."""
         games = []
@@ -226,7 +245,7 @@ class RayTrainer:
         all_rows = Batch.concat(generated)  # every episode played this step, kept or not
         metrics = {f"train/{k}" if k.startswith("success_rate") else k: v for k, v in episode_metrics(all_rows).items()}
         metrics |= {"dynamic_sampling/kept_groups": num_groups, "dynamic_sampling/num_gen_batches": gen_batches,
-                    "dynamic_sampling/kept_rows": len(batch),
+                    "dynamic_sampling/kept_rows": len(batch), "data/skipped_games": self.skipped_games,
                     "perf/generated_tokens": int(all_rows["response_mask"].sum())}
         return batch, metrics
 

@@ -111,6 +111,8 @@ def check_gpu_environment(cfg: DictConfig, device: str, model_path: Path) -> Non
             "max_prompt_length + rollout.response_length"
         fail(key, OmegaConf.select(cfg, key), f"data.{terms} = {need} exceeds the model's "
              f"max_position_embeddings ({limit}) in env.rollout_mode={cfg.env.rollout_mode}")
+
+
 def check_model(cfg: DictConfig) -> None:
     """The model folder: config.json, complete weights, a tokenizer that round-trips (model_check)."""
     from agentevolver.module.trainer.model_check import ModelFolderError, check_model_folder
@@ -125,13 +127,14 @@ def check_model(cfg: DictConfig) -> None:
 
 
 def check_data(cfg: DictConfig) -> None:
-    from agentevolver.alfworld.data import list_games, resolve_data_dir
+    """Each split is scanned (JSON + required files): too many broken games, or none left, refuse the start."""
+    from agentevolver.alfworld.data import check_broken_games, resolve_data_dir, scan_split
 
     data_dir = resolve_data_dir(cfg.env.alfworld.data_dir)
     splits = [cfg.env.alfworld.val_split] if cfg.trainer.val_only else [
         cfg.env.alfworld.train_split, cfg.env.alfworld.val_split]
-    for split in splits:
-        list_games(data_dir, split, cfg.env.alfworld.task_types)
+    scans = [scan_split(data_dir, split, cfg.env.alfworld.task_types) for split in splits]
+    check_broken_games(scans, cfg.data.max_broken_game_frac, "data.max_broken_game_frac")
 
 
 def validate_config(cfg: DictConfig, check_env: bool = True) -> None:

@@ -215,6 +215,7 @@ SCHEMA: dict[str, Check] = {
     "data.max_response_length": POS_INT,
     "data.shuffle": Bool(),
     "data.seed": Int(min=0),
+    "data.max_broken_game_frac": Num(min=0, max=1),
     "actor_rollout_ref.model.path": Str("a local HF model folder"),
     "actor_rollout_ref.model.enable_gradient_checkpointing": Bool(),
     "actor_rollout_ref.model.trust_remote_code": Bool(),
