@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,16 +51,40 @@ def output_dir_locked(cfg: DictConfig) -> Iterator[None]:
         lock.release()
 
 
+def stop(trainer, cfg: DictConfig, code: int, what: str) -> None:
+    """Clean up (workers, env pool, Ray), then exit `code` with one line: what happened, whether a
+    checkpoint is usable and how to resume."""
+    import ray
+
+    from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+    if trainer is not None:
+        trainer.shutdown()
+    ray.shutdown()
+    hint = CheckpointManager(cfg.trainer.default_local_dir, cfg.trainer.max_ckpt_to_keep).resume_hint()
+    print(f"{what}; {hint}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def run(cfg: DictConfig) -> dict:
     validated(cfg)  # before importing the trainer: its imports (ray, textworld) take seconds
     from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
+    from agentevolver.workers.worker_group import WorkerDiedError
 
     with output_dir_locked(cfg):
-        trainer = RayTrainer(cfg)
+        trainer = None
         try:
+            trainer = RayTrainer(cfg)
             return trainer.fit()
+        except KeyboardInterrupt:
+            where = f"in training step {trainer.global_step + 1}" if trainer is not None else "during start-up"
+            stop(trainer, cfg, 130, f"interrupted (SIGINT) {where}")
+        except WorkerDiedError as e:
+            stop(trainer, cfg, 1, f"error: {e}")
         finally:
-            trainer.shutdown()
+            if trainer is not None:
+                trainer.shutdown()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="alfworld_dapo_tiny", version_base=None)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -27,6 +28,14 @@ from agentevolver.workers.fsdp_worker import ActorRolloutRefWorker
 
 CPU_PER_RANK_ON_CPU = 0.5
 _GLOBAL_METRIC_PREFIXES = ("actor/",)
+# After a failed collective: how long the other ranks' results may take to settle (a surviving rank's
+# gloo op fails within seconds once its peer's sockets close).
+DEAD_RANK_WAIT_S = 20.0
+SHUTDOWN_TIMEOUT_S = 60.0
+
+
+class WorkerDiedError(RuntimeError):
+    """An actor rank's process died (kill -9, out of memory, a crash); one line naming rank(s) and phase."""
 
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
@@ -71,6 +80,7 @@ class ActorRolloutRefGroup:
                                f"(cluster: {ray.cluster_resources()}); start a Ray node per trainer.nnodes") from None
         remote_cls = ray.remote(ActorRolloutRefWorker)
         self.workers = []
+        self.dead_ranks: list[int] = []
         for rank in range(self.world_size):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank // per_node)
             opts = {"num_cpus": per_rank["CPU"], "num_gpus": per_rank.get("GPU", 0), "scheduling_strategy": strategy,
@@ -88,12 +98,40 @@ class ActorRolloutRefGroup:
     # ------------------------------------------------------------------ plumbing
     def _all(self, method: str, *args: Any) -> list:
         """Call `method(*args)` on every rank (a collective) and wait for all."""
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        return self._get(method, [getattr(w, method).remote(*args) for w in self.workers])
 
     def _per_rank(self, method: str, batch: Batch, *args: Any) -> list:
         """Rank r gets the r-th contiguous chunk of rows."""
         chunks = batch.chunk(self.world_size)
-        return ray.get([getattr(w, method).remote(c, *args) for w, c in zip(self.workers, chunks)])
+        return self._get(method, [getattr(w, method).remote(c, *args) for w, c in zip(self.workers, chunks)])
+
+    def _get(self, method: str, refs: list) -> list:
+        """ray.get of one call per rank; a rank whose process died becomes one WorkerDiedError naming it
+        and `method` (the phase), not a rank's traceback nor a survivor's gloo error."""
+        try:
+            return ray.get(refs)
+        except (RayActorError, RayTaskError):
+            dead = self._dead_ranks(refs)
+            if not dead:
+                raise
+            self.dead_ranks = dead
+            plural = "s" if len(dead) > 1 else ""
+            raise WorkerDiedError(f"actor rank{plural} {', '.join(map(str, dead))} of {self.world_size} died during "
+                                  f"{method} (the process exited: killed, out of memory, or crashed)") from None
+
+    @staticmethod
+    def _dead_ranks(refs: list) -> list[int]:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=DEAD_RANK_WAIT_S)
+        dead = []
+        for rank, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    dead.append(rank)
+                except RayTaskError:  # a survivor whose collective failed with its peer
+                    pass
+        return dead
 
     def _joined(self, method: str, batch: Batch, *args: Any) -> Batch:
         """Per-rank results concatenated and re-ordered to `batch`'s traj_id order."""
@@ -104,7 +142,8 @@ class ActorRolloutRefGroup:
     def generate(self, prompts: list[list[int]], params: Any) -> list[list[Any]]:
         """Prompts split into contiguous chunks over ranks; outputs in the prompts' order."""
         ranges = split_evenly(len(prompts), self.world_size)
-        parts = ray.get([w.generate.remote(prompts[a:b], params) for w, (a, b) in zip(self.workers, ranges)])
+        parts = self._get("generate", [w.generate.remote(prompts[a:b], params)
+                                       for w, (a, b) in zip(self.workers, ranges)])
         return [out for part in parts for out in part]
 
     def sync_weights(self) -> int:
@@ -143,8 +182,11 @@ class ActorRolloutRefGroup:
         return self._all("get_full_state_dict")[0]
 
     def shutdown(self) -> None:
+        """The ranks' collective shutdown, then their processes; after a rank died, the survivors are
+        killed without the collective (its barrier would wait for the dead rank)."""
         try:
-            self._all("shutdown")
+            if not self.dead_ranks and self.workers:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=SHUTDOWN_TIMEOUT_S)
         finally:
             for w in self.workers:
                 ray.kill(w)

@@ -12,7 +12,9 @@ import contextlib
 import os
 import pickle
 import random
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -51,6 +53,22 @@ def timer(name: str, timings: dict[str, float]):
     t0 = time.perf_counter()
     yield
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """A SIGINT inside the block is held until the block ends, then raised as KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class RayTrainer:
@@ -348,8 +366,9 @@ class RayTrainer:
                 "driver_rng": base64.b64encode(pickle.dumps(rng)).decode()}
 
     def _save_checkpoint(self) -> None:
-        self.ckpt.save(self.global_step, self._trainer_state(), lambda path: self.workers.save_checkpoint(str(path)),
-                       world_size=self.workers.world_size)
+        with sigint_deferred():  # Ctrl-C mid-save would waste the save: it lands right after it
+            self.ckpt.save(self.global_step, self._trainer_state(), lambda path: self.workers.save_checkpoint(str(path)),
+                           world_size=self.workers.world_size)
 
     def _maybe_resume(self) -> str | None:
         path, note = self.ckpt.find_resume(str(self.cfg.trainer.resume_mode))
@@ -381,6 +400,10 @@ class RayTrainer:
         return out
 
     def shutdown(self) -> None:
+        """Idempotent: main_ppo's fault paths shut down before their one line, the normal path after fit."""
+        if getattr(self, "_shut_down", False):
+            return
+        self._shut_down = True
         with contextlib.suppress(Exception):
             self.tracker.finish()
         with contextlib.suppress(Exception):

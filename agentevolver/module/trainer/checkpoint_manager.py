@@ -135,6 +135,14 @@ class CheckpointManager:
         target = f"resuming from {path.name}" if path else "no complete checkpoint left: starting from step 0"
         return path, f"resume: skipped incomplete {'; '.join(skipped)}; {target}"
 
+    def resume_hint(self) -> str:
+        """Whether a checkpoint is usable after a stop, and how to resume (one phrase)."""
+        path, _ = self.newest_complete()
+        if path is None:
+            return f"no complete checkpoint in {self.root}: a rerun starts from step 0"
+        return (f"last complete checkpoint {path}: rerun the same command to resume from it "
+                "(trainer.resume_mode=auto)")
+
     @staticmethod
     def load_trainer_state(path: Path) -> dict[str, Any]:
         return json.loads((Path(path) / TRAINER_STATE).read_text())
