@@ -59,6 +59,10 @@ def stop(trainer, cfg: DictConfig, code: int, what: str) -> None:
     from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # ends the progress line, so the message has its own
+        bar.close()
     if trainer is not None:
         trainer.shutdown()
     ray.shutdown()

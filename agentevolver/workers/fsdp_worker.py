@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,8 @@ from agentevolver.utils.dist import (
 from agentevolver.workers.rollout.base import resolve_attn_implementation, rollout_max_model_len
 
 REF_ENABLE = ("auto", True, False)  # actor_rollout_ref.ref.enable
+_SHUTDOWN_KEY = "agentevolver/shutdown_checked_in"  # the store counter of shutdown's check-ins
+_SHUTDOWN_WAIT_S = 60.0  # rank 0's wait for the other ranks' teardown (a dead rank never checks in)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
 
 
@@ -386,7 +389,20 @@ class ActorRolloutRefWorker:
         dist.barrier()
 
     def shutdown(self) -> None:
-        """Collective: the barrier keeps rank 0 (the TCPStore host) alive until every rank is done."""
-        if dist.is_initialized():
-            dist.barrier()
+        """Collective teardown in a fixed order (issue 14 item 8: an intermittent SIGABRT at the end of a
+        2-rank spawn). A barrier alone let rank 0 (the TCPStore host) destroy its group and exit while
+        another rank was still tearing its own down against that store. Now: barrier (all work done) ->
+        ranks > 0 destroy their group and check in on the store -> rank 0 waits for every check-in, then
+        destroys its group; its process, and with it the store, ends last."""
+        if not dist.is_initialized():
+            return
+        dist.barrier()
+        store = dist.distributed_c10d._get_default_store()
+        if self.rank != 0:
             dist.destroy_process_group()
+            store.add(_SHUTDOWN_KEY, 1)
+            return
+        deadline = time.monotonic() + _SHUTDOWN_WAIT_S
+        while store.add(_SHUTDOWN_KEY, 0) < self.world_size - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        dist.destroy_process_group()
