@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from agentevolver.alfworld.play import WalkthroughPolicy
-from agentevolver.main_ppo import CONFIG_DIR, validated
+from agentevolver.main_ppo import CONFIG_DIR, output_dir_locked, validated
 from agentevolver.protocol import Batch
 from agentevolver.workers.rollout.base import SamplingParams
 
@@ -63,7 +63,7 @@ class SFTDriver:
         self.runtime = RayTrainer(self.cfg, resume=False)
         mode, rt = str(cfg.trainer.resume_mode), self.runtime
         if mode not in RESUME_MODES:  # asked for: start from that checkpoint's actor
-            path = rt.ckpt.find_resume(mode)
+            path, _ = rt.ckpt.find_resume(mode)  # config_check: a complete checkpoint
             rt.workers.load_checkpoint(str(Path(path) / "actor"))
             rt.workers.sync_weights()
             print(f"sft: starting from the actor of {path} (trainer.resume_mode)", flush=True)
@@ -106,11 +106,12 @@ class SFTDriver:
 
 def run_sft(cfg: DictConfig) -> dict:
     validated(cfg)
-    driver = SFTDriver(cfg)
-    try:
-        return driver.train(driver.collect())
-    finally:
-        driver.shutdown()
+    with output_dir_locked(cfg):  # one run per output folder, as main_ppo
+        driver = SFTDriver(cfg)
+        try:
+            return driver.train(driver.collect())
+        finally:
+            driver.shutdown()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="alfworld_dapo_tiny", version_base=None)
