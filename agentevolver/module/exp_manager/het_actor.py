@@ -165,7 +165,7 @@ def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
         for piece, n_rows, (g_tokens, g_seqs) in zip(pieces, rows_max, counts):
             piece = _pad_rows(piece, max(n_rows, 1))
             # sums over micro-batches of: loss shares, clip metrics × tokens, entropy × mask, non-finite flag
-            sums = torch.zeros(7, dtype=torch.float64)
+            sums = torch.zeros(9, dtype=torch.float64)
             for i in range(0, piece["responses"].shape[0], mbs):
                 mb = {k: v[i:i + mbs].to(dev) for k, v in piece.items()}
                 mask = mb["response_mask"].float()
@@ -186,12 +186,12 @@ def _micro_loss(loss: str, config: Any, mb: dict[str, torch.Tensor], mask: torch
                 ent: torch.Tensor, g_tokens: torch.Tensor, g_seqs: torch.Tensor, entropy_coeff: float
                 ) -> tuple[torch.Tensor, list[float]]:
     """This micro-batch's share of the mini-batch loss, and its metric sums
-    [main loss share, kl share, clipfrac·n, clipfrac_lower·n, ppo_kl·n, Σ entropy·mask]."""
+    [main loss share, kl share, clipfrac·n, clipfrac_lower·n, ppo_kl·n, Σ entropy·mask, on share, off share]."""
     n_tok = mask.sum().item()
     ent_sum = (ent.detach() * mask).sum().item()
     if loss == "sft":
         total = agg_loss(-logp, mask, "token-mean", global_tokens=g_tokens)
-        return total, [total.item(), 0.0, 0.0, 0.0, 0.0, ent_sum]
+        return total, [total.item(), 0.0, 0.0, 0.0, 0.0, ent_sum, 0.0, 0.0]
     mode, scale = config.loss_agg_mode, config.loss_scale_factor
     out = dapo_compute_policy_loss(
         mb["old_log_probs"].float(), logp, mb["advantages"].float(), mask, exp_mask=mb.get("exp_mask"),
@@ -199,6 +199,11 @@ def _micro_loss(loss: str, config: Any, mb: dict[str, torch.Tensor], mask: torch
         clip_ratio_c=config.clip_ratio_c, loss_agg_mode=mode, off_cliprange_high=config.off_cliprange_high,
         global_tokens=g_tokens, global_seqs=g_seqs, loss_scale_factor=scale)
     total, kl_share = out["pg_loss"], 0.0
+    # shares of pg_loss from on- / off-policy (exp_mask) tokens, same denominators: they sum to it
+    off = mask * mb["exp_mask"].float() if mb.get("exp_mask") is not None else torch.zeros_like(mask)
+    with torch.no_grad():
+        pg_off = agg_loss(out["pg_losses"].detach(), off, mode, g_tokens, g_seqs, scale).item()
+        pg_on = agg_loss(out["pg_losses"].detach(), mask - off, mode, g_tokens, g_seqs, scale).item()
     if entropy_coeff != 0:
         total = total - entropy_coeff * agg_loss(ent, mask, mode, g_tokens, g_seqs, scale)
     if config.use_kl_loss:
@@ -207,7 +212,7 @@ def _micro_loss(loss: str, config: Any, mb: dict[str, torch.Tensor], mask: torch
         total = total + config.kl_loss_coef * kl
         kl_share = kl.item()
     return total, [out["pg_loss"].item(), kl_share, out["pg_clipfrac"].item() * n_tok,
-                   out["pg_clipfrac_lower"].item() * n_tok, out["ppo_kl"].item() * n_tok, ent_sum]
+                   out["pg_clipfrac_lower"].item() * n_tok, out["ppo_kl"].item() * n_tok, ent_sum, pg_on, pg_off]
 
 
 def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -216,7 +221,7 @@ def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """Clip, then step — or skip on every rank when the loss or the (global) grad norm is not finite."""
     grad_norm = _grad_norm(module, grad_clip)
     lr = optimizer.param_groups[0]["lr"]
-    skipped = bool(sums[6] > 0) or not bool(torch.isfinite(grad_norm))
+    skipped = bool(sums[-1] > 0) or not bool(torch.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
         if scheduler is not None:
@@ -228,5 +233,6 @@ def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if loss == "sft":
         return metrics | {"actor/sft_loss": sums[0].item()}
     return metrics | {"actor/pg_loss": sums[0].item(), "actor/kl_loss": sums[1].item(),
+                      "actor/pg_loss_on": sums[6].item(), "actor/pg_loss_off": sums[7].item(),
                       "actor/pg_clipfrac": sums[2].item() / tok, "actor/pg_clipfrac_lower": sums[3].item() / tok,
                       "actor/ppo_kl": sums[4].item() / tok}

@@ -55,7 +55,8 @@ def check_data(cfg: DictConfig) -> None:
     from agentevolver.alfworld.data import list_games, resolve_data_dir
 
     data_dir = resolve_data_dir(cfg.env.alfworld.data_dir)
-    splits = [cfg.env.alfworld.val_split] if cfg.trainer.val_only else [
+    generated = cfg.data.task_source == "generated"  # its training games are made on line
+    splits = [cfg.env.alfworld.val_split] if cfg.trainer.val_only or generated else [
         cfg.env.alfworld.train_split, cfg.env.alfworld.val_split]
     for split in splits:
         list_games(data_dir, split, cfg.env.alfworld.task_types)
