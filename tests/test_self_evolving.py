@@ -194,6 +194,12 @@ def test_replay_marks_replayed_rows_and_joins_the_group(tokenizer):
     again = SuccessReplay(4, 2)
     again.load_state_dict(replay.state_dict())
     assert torch.equal(again.replace_failures(batch, 0.5, 1)[0]["responses"], out["responses"])
+    by_type = SuccessReplay(4, 2, match="task_type")
+    by_type.add_successes(won)
+    other = batch.select(np.arange(len(batch)))
+    other.ids["task_id"] = np.array(["another game"] * len(other))
+    assert replay.replace_failures(other, 0.5, 1)[1] == 0  # task_id: nothing stored for that game
+    assert by_type.replace_failures(other, 0.5, 1)[1] == len(won)  # task_type: the type's success
     # a group at or above the threshold is left alone
     batch.ids["won"][:] = True
     assert replay.replace_failures(batch, 0.5, 1)[1] == 0
@@ -257,3 +263,22 @@ def test_het_loss_mixed_batch_equals_plain_loop(mode, split):
     # on-policy tokens really clip at clip_ratio_high: the same batch without exp_mask differs
     plain = dapo_compute_policy_loss(old, new, adv, mask, global_tokens=tokens, global_seqs=seqs, **kw)["pg_loss"]
     assert plain.item() == pytest.approx(_reference(old, new, adv, mask, exp * 0, 0.2, 0.28, 0.6, 3.0, mode))
+
+
+def test_llm_summariser_runs_on_the_tiny_model(tiny_model_dir, tokenizer):
+    """The `llm` summariser through the real HF engine (the tiny model writes noise, but it runs,
+    one tip per success, greedy so repeatable)."""
+    from agentevolver.module.exp_manager.experience import SummaryContext, get_summarizer
+    from agentevolver.workers.rollout import make_rollout_engine
+
+    cfg = OmegaConf.load("config/base.yaml").actor_rollout_ref.rollout
+    engine = make_rollout_engine("hf", str(tiny_model_dir), cfg, "cpu", torch.float32)
+    ctx = SummaryContext(tokenizer, engine.generate, max_tokens=12, seed=3)
+    actions = ["go to sinkbasin 1", "clean apple 1 with sinkbasin 1"]
+    recs = [EpisodeRecord("t", "clean", "put a clean apple in fridge.", actions, True),
+            EpisodeRecord("u", "clean", "x", ["go to a 1"], False)]
+    first = get_summarizer("llm")(recs, ctx)
+    assert isinstance(first[0], str) and first[0] and first[1] is None and "\n" not in first[0]
+    assert get_summarizer("llm")(recs, ctx) == first
+    with pytest.raises(ValueError, match="valid: rule, llm"):
+        get_summarizer("gpt")

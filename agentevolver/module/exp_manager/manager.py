@@ -54,7 +54,7 @@ class ExperienceManager:
         self.pool = ExperiencePool(e.max_pool_size, e.max_per_task)
         self.summarise = get_summarizer(e.summarizer)
         r = e.replay
-        self.replay = SuccessReplay(r.max_tasks, r.max_per_task) if r.enable else None
+        self.replay = SuccessReplay(r.max_tasks, r.max_per_task, r.match) if r.enable else None
 
     def guided(self, validate: bool) -> bool:
         mode = self.cfg.val_rollout_expmode if validate else self.cfg.train_rollout_expmode

@@ -2,7 +2,7 @@
 
 For a GRPO group (one uid = one task instance) whose success rate is below `success_threshold`, up to
 `max_replay_per_group` of its failed episodes are replaced by stored successful episodes of the same
-task (task_id), newest first. A replayed episode keeps its tokens, prompt and reward; it joins the
+task (`match`: task_id, or task_type for fresh generated games), newest first. A replayed episode keeps its tokens, prompt and reward; it joins the
 group's uid, gets fresh ids (`<replaced episode>~replay`) and exp_mask = response_mask (its tokens come
 from an older policy: the HET loss clips them with off_cliprange_high). The actor recomputes its old
 log-probs like any row's, so the importance ratio is against the current policy.
@@ -18,13 +18,18 @@ import numpy as np
 
 from agentevolver.protocol import DERIVED, Batch
 
+# what "the same task" means: the same game (task_id), or, for a stream of fresh games that never repeat,
+# the same task type (a success on another game of the type: off-policy self-imitation)
+REPLAY_MATCH = ("task_id", "task_type")
 _STORED_TENSORS = ("prompts", "prompt_attention_mask", "responses", "response_attention_mask", "response_mask",
                    "rollout_log_probs", "token_level_rewards", "exp_mask")
 
 
 class SuccessReplay:
-    def __init__(self, max_tasks: int, max_per_task: int) -> None:
-        self.max_tasks, self.max_per_task = int(max_tasks), int(max_per_task)
+    def __init__(self, max_tasks: int, max_per_task: int, match: str = "task_id") -> None:
+        if match not in REPLAY_MATCH:
+            raise ValueError(f"unknown replay match {match!r}; valid: {', '.join(REPLAY_MATCH)}")
+        self.max_tasks, self.max_per_task, self.match = int(max_tasks), int(max_per_task), match
         self.store: OrderedDict[str, list[Batch]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -42,7 +47,7 @@ class SuccessReplay:
                 continue
             ep = batch.select(rows)
             ep = Batch({k: v.clone() for k, v in ep.tensors.items() if k in _STORED_TENSORS}, ep.ids, {})
-            tid = str(ep.ids["task_id"][0])
+            tid = str(ep.ids[self.match][0])
             episodes = self.store.pop(tid, [])
             episodes.append(ep)
             self.store[tid] = episodes[-self.max_per_task:]
@@ -61,7 +66,7 @@ class SuccessReplay:
         for uid in dict.fromkeys(batch.ids["uid"].tolist()):
             in_group = (batch.ids["uid"] == uid) & last
             won = batch.ids["won"][in_group].astype(bool)
-            tid = str(batch.ids["task_id"][in_group][0])
+            tid = str(batch.ids[self.match][in_group][0])
             if won.mean() >= success_threshold or tid not in self.store:
                 continue
             failed = [str(e) for e, w in zip(batch.ids["episode_id"][in_group], won) if not w]
