@@ -285,26 +285,31 @@ def test_llm_summariser_runs_on_the_tiny_model(tiny_model_dir, tokenizer):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("data.task_source", "online", "valid values are fixed, generated"),
-    ("data.task_gen.curriculum", "hard_first", "valid values are uniform, success_pq"),
-    ("data.task_gen.receptacles", [[4, 3]], "[lo, hi] with 3 <= lo <= hi <= 25"),
-    ("exp_manager.train_rollout_expmode", "some", "valid values are woexp, mixed, all"),
-    ("exp_manager.train_sample_expmode", "keep", "valid values are allkeep, alldiscard, hybrid"),
-    ("exp_manager.summarizer", "gpt", "valid values are rule, llm"),
+    ("data.task_source", "online", "must be one of fixed, generated"),
+    ("data.task_gen.curriculum", "hard_first", "must be one of uniform, success_pq"),
+    ("data.task_gen.receptacles", [[4, 3]], "each [lo, hi] with lo <= hi"),
+    ("data.task_gen.receptacles", [[2, 3]], "an integer >= 3 and <= 25"),
+    ("exp_manager.train_rollout_expmode", "some", "must be one of woexp, mixed, all"),
+    ("exp_manager.train_sample_expmode", "keep", "must be one of allkeep, alldiscard, hybrid"),
+    ("exp_manager.summarizer", "gpt", "must be one of rule, llm"),
     ("exp_manager.experience_template", "Tips: {experience}", "must contain {experience} exactly once, followed"),
-    ("exp_manager.replay.match", "room", "valid values are task_id, task_type"),
-    ("exp_manager.rollout_expratio", 1.5, "must be <= 1"),
+    ("exp_manager.replay.match", "room", "must be one of task_id, task_type"),
+    ("exp_manager.rollout_expratio", 1.5, "<= 1"),
 ])
 def test_config_check_one_line(key, value, message):
     from agentevolver.module.trainer.config_check import ConfigError, check_values
 
-    cfg = OmegaConf.load("config/base.yaml")
-    cfg.trainer.total_training_steps = 3
-    OmegaConf.update(cfg, key, value)
+    def cfg_with(**over):
+        cfg = OmegaConf.load("config/base.yaml")
+        cfg.actor_rollout_ref.model.path = "/some/model"
+        cfg.trainer.total_training_steps = 3
+        for k, v in over.items():
+            OmegaConf.update(cfg, k, v)
+        return cfg
+
+    check_values(cfg_with())  # the defaults pass
     with pytest.raises(ConfigError) as err:
-        check_values(cfg)
+        check_values(cfg_with(**{key: value}))
     assert str(err.value).startswith(key) and message in str(err.value) and "\n" not in str(err.value)
-    cfg = OmegaConf.load("config/base.yaml")
-    cfg.data.task_source = "generated"
     with pytest.raises(ConfigError, match="trainer.total_training_steps=None is invalid: data.task_source=generated"):
-        check_values(cfg)
+        check_values(cfg_with(**{"data.task_source": "generated", "trainer.total_training_steps": None}))
