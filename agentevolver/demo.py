@@ -58,6 +58,46 @@ class PeakMemory:
         return round(self.peak_mb, 1)
 
 
+# The ablation rows of the README (issue 16), each adding one mechanism to the row before it.
+PRESETS: dict[str, list[str]] = {"fixed": []}
+PRESETS["fresh"] = PRESETS["fixed"] + ["data.task_source=generated"]
+PRESETS["curriculum"] = PRESETS["fresh"] + ["data.task_gen.curriculum=success_pq"]
+PRESETS["guided"] = PRESETS["curriculum"] + ["exp_manager.train_rollout_expmode=mixed",
+                                             "exp_manager.init_experience_before_training=true",
+                                             "actor_rollout_ref.actor.off_cliprange_high=0.4"]
+# fresh games never repeat, so a success of the same task TYPE stands in for a failed rollout
+PRESETS["replay"] = PRESETS["guided"] + ["exp_manager.replay.enable=true", "exp_manager.replay.match=task_type"]
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def paired_bootstrap(before: list[float], after: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """(mean gain, 2.5 %, 97.5 % percentile) of mean(after_i − before_i) over games resampled with
+    replacement (the same games at both ends: a paired bootstrap)."""
+    import numpy as np
+
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(BOOTSTRAP_RESAMPLES, len(d)))
+    means = d[idx].mean(axis=1)
+    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _problems(folder: Path) -> set[str]:
+    """PDDL problems of every game below folder, without their (trial) name: equal text = the same game."""
+    import re
+
+    out = set()
+    for f in folder.rglob("game.tw-pddl"):
+        out.add(re.sub(r"\(problem [^)]*\)", "", json.loads(f.read_text())["pddl_problem"]))
+    return out
+
+
+def heldout_overlap(data: Path, dapo_dir: Path) -> int:
+    """Held-out games whose problem also occurs among the training games (train split + generated)."""
+    held = _problems(data / "json_2.1.1" / "valid_seen")
+    train = _problems(data / "json_2.1.1" / "train") | _problems(dapo_dir / "generated_tasks")
+    return len(held & train)
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -102,14 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     # Game difficulty for a 1 M-param model on 2 cores: 3-4 receptacles, no distractors, nothing closed
     # (with 8 receptacles and closed containers the warm-started model won 0 of 18 held-out games).
     ap.add_argument("--train-games", type=int, default=128)
-    ap.add_argument("--heldout-games", type=int, default=60, help="10 per task type: ±0.06 standard error")
+    ap.add_argument("--heldout-games", type=int, default=120, help="20 per task type (the generator balances types)")
     ap.add_argument("--min-receptacles", type=int, default=3)
     ap.add_argument("--max-receptacles", type=int, default=4)
     ap.add_argument("--distractors", default="0", help="N or LO,HI distractor objects per game")
     ap.add_argument("--closed-fraction", type=float, default=0.0)
     ap.add_argument("--sft-epochs", type=int, default=None, help="default: the config's sft.epochs")
     ap.add_argument("--steps", type=int, default=20, help="DAPO steps")
-    ap.add_argument("--test-freq", type=int, default=5)
+    ap.add_argument("--test-freq", type=int, default=10, help="held-out evaluations (120 games each) every N steps")
+    ap.add_argument("--preset", choices=list(PRESETS), default="fixed",
+                    help="ablation row: fixed games | + fresh generated tasks | + curriculum | + experience-guided "
+                         "rollouts | + replay of successes (each adds to the one before)")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the DAPO run")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
@@ -139,32 +182,48 @@ def main(argv: list[str] | None = None) -> int:
     sh(*sft)
     dapo_dir = out / "dapo"
     (dapo_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (dapo_dir / "val_games.jsonl").unlink(missing_ok=True)
+    levels = ",".join(f"[{r},{r}]" for r in range(args.min_receptacles, args.max_receptacles + 1))
+    lo, _, hi = args.distractors.partition(",")
+    task_gen = [f"data.task_gen.receptacles=[{levels}]", f"data.task_gen.distractors=[[{lo},{hi or lo}]]",
+                f"data.task_gen.closed_fraction=[{args.closed_fraction}]"]  # fresh games as hard as the split
     dapo = [py, "-m", "agentevolver.main_ppo", "--config-name", "alfworld_dapo_tiny", *common,
             f"actor_rollout_ref.model.path={sft_dir / 'hf_actor'}", f"trainer.default_local_dir={dapo_dir}",
             "trainer.val_before_train=true", "trainer.logger=[console,file]", f"hydra.run.dir={out / 'hydra' / 'dapo'}",
             f"trainer.total_training_steps={args.steps}", f"trainer.test_freq={args.test_freq}",
-            f"trainer.save_freq={args.steps}", *args.overrides]
+            f"trainer.save_freq={args.steps}", *task_gen, *PRESETS[args.preset], *args.overrides]
     sh(*dapo)
 
     rows = read_metrics(dapo_dir / "metrics.jsonl")
     val_rows = [r for r in rows if "val/success_rate" in r]
     before, after = val_rows[0], val_rows[-1]
+    games = [json.loads(line) for line in (dapo_dir / "val_games.jsonl").read_text().splitlines() if line.strip()]
+    g0, g1 = games[0]["won"], games[-1]["won"]
+    ids = sorted(g0)
+    gain, lo95, hi95 = paired_bootstrap([g0[i] for i in ids], [g1[i] for i in ids])
     summary = {
         "seed": args.seed,
+        "preset": args.preset,
         "warm_start_success_rate": before["val/success_rate"],
         "dapo_success_rate": after["val/success_rate"],
         "gain": after["val/success_rate"] - before["val/success_rate"],
+        "gain_ci95": [round(lo95, 4), round(hi95, 4)],
+        "gain_ci_method": f"paired bootstrap over the {len(ids)} held-out games ({BOOTSTRAP_RESAMPLES} resamples, "
+                          "percentile interval), first vs last evaluation",
+        "gain_per_game_mean": round(gain, 4),
+        "heldout_games_also_in_training": heldout_overlap(data, dapo_dir),
         "warm_start_per_task_type": per_type(before, "val/success_rate"),
         "dapo_per_task_type": per_type(after, "val/success_rate"),
         "heldout_curve": [[r["step"], r["val/success_rate"]] for r in val_rows],  # every evaluation, not a pick
         "steps": max(r["step"] for r in rows),
-        "heldout_games": args.heldout_games,
+        "heldout_games": len(ids),
         "train_games": args.train_games,
         "wall_time_s": round(time.time() - t0, 1),
         "peak_rss_mb": memory.stop(),
         "trainer_overhead_frac_mean": round(sum(r.get("timing/overhead_frac", 0) for r in rows if r["step"] > 0)
                                             / max(1, sum(1 for r in rows if r["step"] > 0)), 4),
         "loss_agg_mode": "token-mean",
+        "dapo_overrides": [*PRESETS[args.preset], *args.overrides],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_curve(rows, out / "learning_curve.png")

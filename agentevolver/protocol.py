@@ -41,6 +41,8 @@ ROLLOUT_TENSORS: dict[str, TensorSpec] = {
     "response_mask": TensorSpec(torch.float32, "R", "right", "1 only on model-generated tokens (the loss mask)"),
     "rollout_log_probs": TensorSpec(torch.float32, "R", "right", "log-probs the engine reported (0 off the mask)"),
     "token_level_rewards": TensorSpec(torch.float32, "R", "right", "the row's reward on its last model token"),
+    "exp_mask": TensorSpec(torch.float32, "R", "right", "1 on model tokens sampled under an experience-guided "
+                           "prompt but trained under the stripped one, or replayed (off-policy; HET loss)"),
 }
 # numpy dtype kind of each id: U = str, b = bool, i = int, f = float
 EPISODE_IDS: dict[str, str] = {
@@ -49,12 +51,14 @@ EPISODE_IDS: dict[str, str] = {
     "task_id": "U", "task_type": "U",
     "finish_reason": "U",      # success, max_steps, context_limit, prompt_too_long, env_error, ...
     "won": "b", "steps": "i", "format_errors": "i", "invalid_actions": "i", "projected_actions": "i",
+    "exp_replayed": "b",       # a stored success replayed into this group (exp_manager.replay)
 }
 ROW_IDS: dict[str, str] = {
     "episode_id": "U", "turn": "i", "is_last": "b",  # exactly one is_last row per episode
     "anchor": "U",             # step mode: the observation the turn answered (GiGPO's state)
     "num_turns": "i", "policy_version": "i",  # the episode's turns; oldest weights version that acted
     "score": "f",              # the episode's (shaped) reward
+    "exp_guided": "b",         # the episode's prompts carried retrieved experiences (exp_manager)
 }
 ROLLOUT_IDS: dict[str, str] = EPISODE_IDS | ROW_IDS
 LEFT_PADDED = tuple(k for k, spec in ROLLOUT_TENSORS.items() if spec.padding == "left")

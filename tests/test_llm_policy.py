@@ -23,7 +23,8 @@ def episode(traj_id: str, uid: str, reward: float) -> dict:
     """An episode's ids as the trainer hands them over (protocol.EPISODE_IDS) plus its reward."""
     return {"traj_id": traj_id, "uid": uid, "task_id": "t", "task_type": "pick_and_place_simple",
             "finish_reason": "success" if reward > 0 else "max_steps", "won": reward > 0, "steps": 3,
-            "format_errors": 0, "invalid_actions": 0, "projected_actions": 0, "reward": reward}
+            "format_errors": 0, "invalid_actions": 0, "projected_actions": 0, "exp_replayed": False,
+            "reward": reward}
 
 
 def make_policy(tokenizer, mode: str, window=None, max_prompt_length: int = 4096):

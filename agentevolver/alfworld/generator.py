@@ -189,44 +189,56 @@ def generate_games(
     split_dir.mkdir(parents=True, exist_ok=True)
     domain, grammar = _wheel_logic()
     schedule = task_type_schedule(num_games, types, random.Random(f"schedule:{seed}"))
-    planner, engine = _tools()
-    tag = str(seed).replace("-", "m")
     out: list[Path] = []
     # Staging folders get fresh names (the engine caches games by path, so a path must never be reused)
     # and live outside OUT (a killed run must not leave half-checked games where loaders look).
     with tempfile.TemporaryDirectory(prefix="alfworld-gen-") as staging:
         for index, task_type in enumerate(schedule):
-            trial = f"trial_S{tag}_{index:05d}"
-            errors = []
-            for attempt in range(MAX_ATTEMPTS):
-                rng = random.Random(f"game:{seed}:{index}:{attempt}")
-                scene = sample_scene(rng, task_type, split, min_receptacles, max_receptacles,
-                                     tuple(num_distractors), closed_fraction)
-                game, traj, problem = _game_files(scene, trial, seed, index, domain, grammar, rng)
-                # Plan on the task objects only (distractors make pick_two searches 10-100x slower);
-                # the replay below checks the plan on the full game.
-                plan = planner.plan(dict(game, pddl_problem=scene_to_pddl(scene.task_only(), trial)))
-                if not plan or len(plan) > MAX_PLAN_LEN:
-                    errors.append(f"attempt {attempt}: plan of length {len(plan)}")
-                    continue
-                game["solvable"], game["walkthrough"] = True, plan
-                traj["generator"]["attempt"] = attempt
-                stage = Path(staging) / f"{attempt}" / scene.dir_name() / trial
-                _write_game(stage, game, traj, problem)
-                ok, why = _replay(engine, stage, plan)
-                if ok:
-                    final = split_dir / scene.dir_name() / trial
-                    if final.exists():
-                        shutil.rmtree(final)
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(stage), str(final))
-                    out.append(final)
-                    break
-                errors.append(f"attempt {attempt}: replay failed: {why}")
-            else:
-                raise RuntimeError(f"game {index} ({task_type}): no winnable draw in {MAX_ATTEMPTS} "
-                                   f"attempts: {'; '.join(errors[-3:])}")
+            out.append(generate_game(split_dir, seed, index, task_type, split, min_receptacles, max_receptacles,
+                                     tuple(num_distractors), closed_fraction, Path(staging), domain, grammar))
     return out
+
+
+def generate_game(split_dir: Path, seed: int, index: int, task_type: str, split: str, min_receptacles: int,
+                  max_receptacles: int, num_distractors: tuple[int, int], closed_fraction: float,
+                  staging: Path, domain: str | None = None, grammar: str | None = None) -> Path:
+    """Game `index` of the stream `seed` with these knobs, verified and moved to split_dir; its folder.
+
+    Depends only on (seed, index, task_type, knobs), so a background generator and `generate_games`
+    write the same bytes for the same arguments. `staging` must be a folder outside split_dir.
+    """
+    if domain is None or grammar is None:
+        domain, grammar = _wheel_logic()
+    planner, engine = _tools()
+    tag = str(seed).replace("-", "m")
+    trial = f"trial_S{tag}_{index:05d}"
+    errors = []
+    for attempt in range(MAX_ATTEMPTS):
+        rng = random.Random(f"game:{seed}:{index}:{attempt}")
+        scene = sample_scene(rng, task_type, split, min_receptacles, max_receptacles,
+                             tuple(num_distractors), closed_fraction)
+        game, traj, problem = _game_files(scene, trial, seed, index, domain, grammar, rng)
+        # Plan on the task objects only (distractors make pick_two searches 10-100x slower);
+        # the replay below checks the plan on the full game.
+        plan = planner.plan(dict(game, pddl_problem=scene_to_pddl(scene.task_only(), trial)))
+        if not plan or len(plan) > MAX_PLAN_LEN:
+            errors.append(f"attempt {attempt}: plan of length {len(plan)}")
+            continue
+        game["solvable"], game["walkthrough"] = True, plan
+        traj["generator"]["attempt"] = attempt
+        stage = Path(staging) / f"{seed}-{index}-{attempt}" / scene.dir_name() / trial
+        _write_game(stage, game, traj, problem)
+        ok, why = _replay(engine, stage, plan)
+        if ok:
+            final = Path(split_dir) / scene.dir_name() / trial
+            if final.exists():
+                shutil.rmtree(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(stage), str(final))
+            return final
+        errors.append(f"attempt {attempt}: replay failed: {why}")
+    raise RuntimeError(f"game {index} ({task_type}): no winnable draw in {MAX_ATTEMPTS} "
+                       f"attempts: {'; '.join(errors[-3:])}")
 
 
 def _int_pair(text: str) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from agentevolver.alfworld.agent import PolicyOutput, TurnView, build_messages, format_observation_turn
+from agentevolver.module.exp_manager.experience import inject_experience, strip_experience
 from agentevolver.protocol import Batch, rollout_batch
 from agentevolver.workers.rollout.base import GenOutput, SamplingParams
 
@@ -112,6 +113,11 @@ class Trajectory:
     policy_version: int = -1
     finish_reason: str | None = None  # set when the policy itself ends the episode
     anchor: str = ""  # step mode: the observation this turn answered (GiGPO groups turns by it)
+    # experience-guided rows: the prompt the engine sampled under (prompt_ids is the training prompt);
+    # off_policy = trained under a prompt other than the sampling one (exp_mask = 1 on its response)
+    gen_prompt_ids: list[int] | None = None
+    off_policy: bool = False
+    guided: bool = False
 
     def extend(self, ids: list[int], mask: int, log_probs: list[float] | None = None) -> None:
         self.response_ids += ids
@@ -124,7 +130,7 @@ class LLMPolicy:
 
     def __init__(self, tokenizer, generate_fn, sampling: SamplingParams, max_prompt_length: int,
                  max_response_length: int, wording: str = "move", teacher=None, mode: str = "trajectory",
-                 history_window: int | None = None) -> None:
+                 history_window: int | None = None, guide=None, experience_template: str = "") -> None:
         if mode not in ROLLOUT_MODES:
             raise ValueError(f"unknown rollout mode {mode!r}; valid: {', '.join(ROLLOUT_MODES)}")
         self.tokenizer = tokenizer
@@ -139,6 +145,11 @@ class LLMPolicy:
         self.wording = wording
         self.mode = mode
         self.history_window = history_window
+        # guide(view) -> (experiences, keep) | None, asked once per episode (exp_manager.experience):
+        # the episode's prompts get the experiences; keep=False trains it under the stripped prompt
+        self.guide, self.experience_template = guide, experience_template
+        self.guidance: dict[str, tuple[list[str], bool] | None] = {}
+        self.tasks: dict[str, str] = {}  # episode -> task sentence (for the experience summariser)
         self.trajectories: dict[str, Trajectory] = {}  # per episode
         self.turns: dict[str, list[Trajectory]] = {}  # step mode: the episode's rows, one per turn
         self.timing_gen_s = 0.0
@@ -152,26 +163,40 @@ class LLMPolicy:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _prompt(self, view: TurnView, history: list[tuple[str, str]], window: int | None) -> list[int]:
+    def _prompt(self, view: TurnView, history: list[tuple[str, str]], window: int | None) -> Trajectory:
+        """A new row holding this turn's training prompt (and, when guided, the sampling prompt)."""
         messages = build_messages(view.task, view.observation, view.admissible, history=history,
                                   history_window=window, wording=self.wording)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._encode(text)
+        eid = view.episode_id
+        self.tasks.setdefault(eid, view.task)
+        if eid not in self.guidance:
+            self.guidance[eid] = self.guide(view) if self.guide is not None else None
+        g = self.guidance[eid]
+        if not g or not g[0]:
+            return Trajectory(self._encode(self._chat(messages)))
+        experiences, keep = g
+        guided = self._chat(inject_experience(messages, self.experience_template, experiences))
+        train = guided if keep else strip_experience(guided, self.experience_template)
+        return Trajectory(self._encode(train), gen_prompt_ids=self._encode(guided), off_policy=not keep, guided=True)
+
+    def _chat(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _open_row(self, view: TurnView) -> Trajectory:
         """The row this turn's response goes into (its prompt added); finish_reason set if it cannot."""
         eid = view.episode_id
         if self.mode == "step":
             episode = self.trajectories.setdefault(eid, Trajectory([]))
-            prompt = self._prompt(view, view.history, self.history_window)
-            if len(prompt) > self.max_prompt_length:
+            row = self._prompt(view, view.history, self.history_window)
+            row.anchor = view.observation
+            if len(row.gen_prompt_ids or row.prompt_ids) > self.max_prompt_length:
                 episode.finish_reason = "context_limit" if episode.num_turns else "prompt_too_long"
-            self.turns.setdefault(eid, []).append(Trajectory(prompt, anchor=view.observation))
+            self.turns.setdefault(eid, []).append(row)
             return episode
         episode = self.trajectories.get(eid)
         if episode is None:
-            episode = self.trajectories[eid] = Trajectory(self._prompt(view, [], None))
-            if len(episode.prompt_ids) > self.max_prompt_length:
+            episode = self.trajectories[eid] = self._prompt(view, [], None)
+            if len(episode.gen_prompt_ids or episode.prompt_ids) > self.max_prompt_length:
                 episode.finish_reason = "prompt_too_long"
         else:
             before, after = self.chat.next_turn
@@ -202,7 +227,7 @@ class LLMPolicy:
                 outputs[view.episode_id] = self._take(view.episode_id, GenOutput(ids, [0.0] * len(ids), "stop", 0))
                 continue
             row = self._row(view.episode_id)
-            prompts.append(row.prompt_ids + row.response_ids)
+            prompts.append((row.gen_prompt_ids or row.prompt_ids) + row.response_ids)
             active.append(view.episode_id)
         if prompts:
             params = SamplingParams(**{**self.sampling.__dict__, "stop_token_ids": self._stop_ids,
@@ -256,7 +281,7 @@ class LLMPolicy:
                 seqs.append(t)
                 rows.append(ep | {"traj_id": f"{eid}/t{k}" if self.mode == "step" else eid, "episode_id": eid,
                                   "turn": k, "is_last": k == len(parts) - 1, "anchor": t.anchor,
-                                  "num_turns": record.num_turns,
+                                  "num_turns": record.num_turns, "exp_guided": t.guided,
                                   "policy_version": record.policy_version})
         P = max(1, max(len(t.prompt_ids) for t in seqs))
         R = max(1, max(len(t.response_ids) for t in seqs))
@@ -267,6 +292,7 @@ class LLMPolicy:
         resp_attn = torch.zeros((n, R), dtype=torch.long)
         resp_mask = torch.zeros((n, R), dtype=torch.float32)
         log_probs = torch.zeros((n, R), dtype=torch.float32)
+        exp_mask = torch.zeros((n, R), dtype=torch.float32)
         rewards = torch.zeros((n, R), dtype=torch.float32)
         for i, (t, row) in enumerate(zip(seqs, rows)):
             p, r = len(t.prompt_ids), len(t.response_ids)
@@ -278,6 +304,8 @@ class LLMPolicy:
                 resp_attn[i, :r] = 1
                 resp_mask[i, :r] = torch.tensor(t.response_mask, dtype=torch.float32)
                 log_probs[i, :r] = torch.tensor(t.log_probs)
+                if t.off_policy:  # sampled under a guided prompt, trained under the stripped one
+                    exp_mask[i, :r] = resp_mask[i, :r]
             model_positions = resp_mask[i].nonzero()
             if len(model_positions):  # the episode reward sits on the row's last model-generated token
                 rewards[i, model_positions[-1, 0]] = row["reward"]
@@ -285,6 +313,6 @@ class LLMPolicy:
         ids["score"] = np.array([row["reward"] for row in rows], dtype=np.float32)
         tensors = {"prompts": prompts, "prompt_attention_mask": prompt_attn, "responses": responses,
                    "response_attention_mask": resp_attn, "response_mask": resp_mask,
-                   "rollout_log_probs": log_probs, "token_level_rewards": rewards}
+                   "rollout_log_probs": log_probs, "token_level_rewards": rewards, "exp_mask": exp_mask}
         # The actor recomputes log-probs at the temperature the rollout sampled with.
         return rollout_batch(tensors, ids, self.sampling.logprob_temperature)

@@ -169,7 +169,7 @@ def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
         for piece, n_rows, (g_tokens, g_seqs) in zip(pieces, rows_max, counts):
             piece = _pad_rows(piece, max(n_rows, 1))
             # sums over micro-batches of: loss shares, clip metrics × tokens, entropy × mask, non-finite flag
-            sums = torch.zeros(7, dtype=torch.float64)
+            sums = torch.zeros(9, dtype=torch.float64)
             for i in range(0, piece["responses"].shape[0], mbs):
                 mb = {k: v[i:i + mbs].to(dev) for k, v in piece.items()}
                 mask = mb["response_mask"].float()
@@ -192,14 +192,14 @@ def _sft_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor
                     ) -> tuple[torch.Tensor, list[float]]:
     """Token-mean NLL over response_mask: this micro-batch's share, and the metric sums (see _ppo_micro_loss)."""
     total = agg_loss(-logp, mask, "token-mean", global_tokens=g_tokens)
-    return total, [total.item(), 0.0, 0.0, 0.0, 0.0, _entropy_sum(ent, mask)]
+    return total, [total.item(), 0.0, 0.0, 0.0, 0.0, _entropy_sum(ent, mask), 0.0, 0.0]
 
 
 def _ppo_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor, logp: torch.Tensor,
                     ent: torch.Tensor, g_tokens: torch.Tensor, g_seqs: torch.Tensor, entropy_coeff: float
                     ) -> tuple[torch.Tensor, list[float]]:
     """This micro-batch's share of the mini-batch loss, and its metric sums
-    [main loss share, kl share, clipfrac·n, clipfrac_lower·n, ppo_kl·n, Σ entropy·mask]."""
+    [main loss share, kl share, clipfrac·n, clipfrac_lower·n, ppo_kl·n, Σ entropy·mask, on share, off share]."""
     n_tok = mask.sum().item()
     ent_sum = _entropy_sum(ent, mask)
     mode, scale, pl = config.loss_agg_mode, config.loss_scale_factor, config.policy_loss
@@ -213,6 +213,11 @@ def _ppo_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor
         rollout_is_weights=None if weights is None else weights.float(), loss_agg_mode=mode,
         global_tokens=g_tokens, global_seqs=g_seqs, loss_scale_factor=scale)
     total, kl_share = out["pg_loss"], 0.0
+    # shares of pg_loss from on- / off-policy (exp_mask) tokens, same denominators: they sum to it
+    off = mask * mb["exp_mask"].float() if mb.get("exp_mask") is not None else torch.zeros_like(mask)
+    with torch.no_grad():
+        pg_off = agg_loss(out["pg_losses"].detach(), off, mode, g_tokens, g_seqs, scale).item()
+        pg_on = agg_loss(out["pg_losses"].detach(), mask - off, mode, g_tokens, g_seqs, scale).item()
     if entropy_coeff != 0:
         total = total - entropy_coeff * agg_loss(ent, mask, mode, g_tokens, g_seqs, scale)
     if config.use_kl_loss:
@@ -221,7 +226,7 @@ def _ppo_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor
         total = total + config.kl_loss_coef * kl
         kl_share = kl.item()
     return total, [out["pg_loss"].item(), kl_share, out["pg_clipfrac"].item() * n_tok,
-                   out["pg_clipfrac_lower"].item() * n_tok, out["ppo_kl"].item() * n_tok, ent_sum]
+                   out["pg_clipfrac_lower"].item() * n_tok, out["ppo_kl"].item() * n_tok, ent_sum, pg_on, pg_off]
 
 
 def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -230,7 +235,7 @@ def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """Clip, then step — or skip on every rank when the loss or the (global) grad norm is not finite."""
     grad_norm = _grad_norm(module, grad_clip)
     lr = optimizer.param_groups[0]["lr"]
-    skipped = bool(sums[6] > 0) or not bool(torch.isfinite(grad_norm))
+    skipped = bool(sums[-1] > 0) or not bool(torch.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
         if scheduler is not None:
@@ -245,6 +250,7 @@ def _sft_metrics(config: Any, sums: torch.Tensor, tok: float) -> dict[str, float
 
 def _ppo_metrics(config: Any, sums: torch.Tensor, tok: float) -> dict[str, float]:
     out = {"actor/entropy": sums[5].item() / tok, "actor/pg_loss": sums[0].item(),
+           "actor/pg_loss_on": sums[6].item(), "actor/pg_loss_off": sums[7].item(),
            "actor/pg_clipfrac": sums[2].item() / tok, "actor/pg_clipfrac_lower": sums[3].item() / tok,
            "actor/ppo_kl": sums[4].item() / tok}
     return out | ({"actor/kl_loss": sums[1].item()} if config.use_kl_loss else {})

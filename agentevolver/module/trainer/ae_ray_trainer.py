@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import pickle
 import random
@@ -37,15 +38,19 @@ from agentevolver.alfworld.pool import EnvPool
 from agentevolver.module.agent_flow.llm_policy import LLMPolicy
 from agentevolver.module.exp_manager import het_core_algos as algos
 from agentevolver.module.exp_manager import rollout_corr
+from agentevolver.module.exp_manager.experience import SummaryContext
+from agentevolver.module.exp_manager.manager import ExperienceManager, walkthrough_record
 from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
+from agentevolver.module.trainer.task_source import GeneratedTaskSource
 from agentevolver.module.trainer.tracking import Tracking
 from agentevolver.protocol import Batch
 from agentevolver.workers.fsdp_worker import ref_enabled
 from agentevolver.workers.rollout.base import SamplingParams
 from agentevolver.workers.worker_group import ActorRolloutRefGroup
 
-TIMED_PHASES = ("gen", "env", "reward", "old_log_prob", "ref", "adv", "update_actor", "sync_weights",
-                "testing", "save_checkpoint")
+TIMED_PHASES = ("gen", "env", "reward", "task_gen", "experience", "old_log_prob", "ref", "adv", "update_actor",
+                "sync_weights", "testing", "save_checkpoint")
+REPLAY_FILE = "experience_replay.pt"  # in a checkpoint's step folder: the stored successful episodes
 
 
 @contextlib.contextmanager
@@ -98,7 +103,10 @@ class RayTrainer:
         self.order: list[int] = []
         self.batches_per_epoch = max(1, len(self.train_games) // cfg.data.train_batch_size)
         self.total_steps = cfg.trainer.total_training_steps or self.batches_per_epoch * cfg.trainer.total_epochs
+        self._init_self_evolving()
         wandb_id = self._maybe_resume() if resume else None
+        if self.task_source is not None:
+            self.task_source.start()  # after a resume restored its pending requests
         self.tracker = Tracking(cfg, self.out_dir, wandb_run_id=wandb_id)
 
     # ------------------------------------------------------------------ the loop
@@ -114,6 +122,7 @@ class RayTrainer:
                 return last
         from tqdm import tqdm
 
+        self._init_experience_before_training()
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True)
         first_step, first_empty = self.global_step, self.empty_steps
         while self.global_step < self.total_steps:
@@ -163,7 +172,8 @@ class RayTrainer:
         (`data/skipped_games`). config_check already refused a start with too many of them."""
         alf = self.cfg.env.alfworld
         data_dir = resolve_data_dir(alf.data_dir)
-        splits = [alf.val_split] + ([] if self.cfg.trainer.val_only else [alf.train_split])
+        fixed_train = not self.cfg.trainer.val_only and self.cfg.data.task_source == "fixed"
+        splits = [alf.val_split] + ([alf.train_split] if fixed_train else [])  # generated: no train split
         scans = [scan_split(data_dir, split, alf.task_types) for split in splits]
         note = check_broken_games(scans, self.cfg.data.max_broken_game_frac, "data.max_broken_game_frac")
         if note:
@@ -189,12 +199,14 @@ class RayTrainer:
         return games
 
     def rollout(self, games: list[GameSpec], n: int, sampling: SamplingParams, tag: str,
-                 timings: dict[str, float], teacher=None) -> Batch:
+                 timings: dict[str, float], teacher=None, validate: bool = False) -> Batch:
         """Play every game n times; one Batch row per episode, rewards shaped, ids attached."""
         cfg = self.cfg
+        guide = self._experience_guide(games, n, tag, validate) if teacher is None else None
         policy = LLMPolicy(self.tokenizer, self.workers.generate, sampling, cfg.data.max_prompt_length,
                            cfg.data.max_response_length, wording=self.wording, teacher=teacher,
-                           mode=cfg.env.rollout_mode, history_window=cfg.env.history_window)
+                           mode=cfg.env.rollout_mode, history_window=cfg.env.history_window, guide=guide,
+                           experience_template=cfg.exp_manager.experience_template)
         episodes, meta = [], {}
         for i, game in enumerate(games):
             for j in range(n):
@@ -205,12 +217,14 @@ class RayTrainer:
         stats = run_episodes(self.pool, episodes, policy, max_steps=cfg.env.max_steps, timing=timings,
                              projection=cfg.env.action_projection)
         timings["gen"] = timings.get("gen", 0.0) + policy.timing_gen_s
+        if self.exp is not None and not validate:  # what the pool update summarises at the step's end
+            self._step_records += self.exp.records(episodes, stats, policy.tasks)
         with timer("reward", timings):
             rows = []
             for eid, _ in episodes:
                 st = stats[eid]
                 reason = policy.trajectory(eid).finish_reason or st.finish_reason
-                rows.append(meta[eid] | {"finish_reason": reason, "won": bool(st.won), "steps": st.steps,
+                rows.append(meta[eid] | {"exp_replayed": False, "finish_reason": reason, "won": bool(st.won), "steps": st.steps,
                                          "format_errors": st.format_errors, "invalid_actions": st.invalid_actions,
                                          "projected_actions": st.projected_actions,
                                          "reward": episode_reward(st, cfg.env.reward.success,
@@ -240,15 +254,19 @@ class RayTrainer:
         kept: list[Batch] = []
         generated: list[Batch] = []
         num_groups, gen_batches = 0, 0
+        replay_stats = {"rows": 0}
+        self._step_records = []
         max_batches = ds.max_num_gen_batches if ds.enable else 1
         while num_groups < cfg.data.train_batch_size and gen_batches < max_batches:
             sampling = SamplingParams.from_rollout_config(roll, n=1, seed=self._seed(self.global_step, gen_batches))
-            batch = self.rollout(self._next_games(), roll.n, sampling, f"s{self.global_step}g{gen_batches}", timings)
+            batch = self.rollout(self._draw_games(timings), roll.n, sampling, f"s{self.global_step}g{gen_batches}",
+                                 timings)
             gen_batches += 1
             batch.require("finish_reason", "uid", "won" if ds.metric == "acc" else "score")
             generated.append(batch)
             # a crashed env is not the policy's doing: such episodes are counted, never trained on
             batch = batch.select(batch.ids["finish_reason"] != "env_error")
+            batch = self._replay_successes(batch, replay_stats)
             if ds.enable:
                 signal = batch.ids[algos.DYNAMIC_SAMPLING_METRICS[ds.metric]].astype(np.float32)
                 keep, _ = algos.filter_groups(signal, batch.ids["uid"], ds.mode)
@@ -265,6 +283,7 @@ class RayTrainer:
         metrics |= {"dynamic_sampling/kept_groups": num_groups, "dynamic_sampling/num_gen_batches": gen_batches,
                     "dynamic_sampling/kept_rows": len(batch), "data/skipped_games": self.skipped_games,
                     "perf/generated_tokens": int(all_rows["response_mask"].sum())}
+        metrics |= self._self_evolving_metrics(all_rows, batch, replay_stats, timings)
         return batch, metrics
 
     # ------------------------------------------------------------------ learning
@@ -277,6 +296,8 @@ class RayTrainer:
             return Batch(batch.tensors | {"old_log_probs": batch["rollout_log_probs"].clone()}, batch.ids, batch.meta)
         batch = batch.union(self.workers.compute_log_prob(batch))
         mask = batch["response_mask"]
+        if "exp_mask" in batch:  # guided / replayed rows were sampled under another prompt or policy
+            mask = mask * (1 - batch["exp_mask"])
         diff = (batch["old_log_probs"].exp() - batch["rollout_log_probs"].exp()).abs()
         metrics["rollout/probs_diff_mean"] = algos.masked_mean(diff, mask).item()
         metrics["rollout/probs_diff_max"] = (diff * mask).max().item() if mask.any() else 0.0
@@ -341,9 +362,109 @@ class RayTrainer:
         batches = []
         for start in range(0, len(self.val_games), size):  # each eval game exactly once, fixed order
             batches.append(self.rollout(self.val_games[start:start + size], roll.val_kwargs.n, sampling,
-                                         f"val{self.global_step}c{start}", {}))
+                                         f"val{self.global_step}c{start}", {}, validate=True))
         metrics = episode_metrics(Batch.concat(batches))
+        self._log_val_games(Batch.concat(batches))
         return {f"val/{k}": v for k, v in metrics.items() if k.startswith("success_rate")}
+
+    # ------------------------------------------------------------------ self-evolving (issue 16)
+    def _init_self_evolving(self) -> None:
+        """Generated tasks (data.task_source) and the experience manager (exp_manager), when configured."""
+        cfg = self.cfg
+        self.task_source = GeneratedTaskSource(cfg, self.out_dir) if cfg.data.task_source == "generated" else None
+        e = cfg.exp_manager
+        uses_pool = e.train_rollout_expmode != "woexp" or e.val_rollout_expmode != "woexp"
+        self.exp = ExperienceManager(cfg) if uses_pool or e.replay.enable else None
+        self._step_records = []
+
+    def _draw_games(self, timings: dict[str, float]) -> list[GameSpec]:
+        if self.task_source is None:
+            return self._next_games()
+        with timer("task_gen", timings):  # only the wait for the background actor: it runs ahead
+            return self.task_source.next_games()
+
+    def _experience_guide(self, games: list[GameSpec], n: int, tag: str, validate: bool):
+        if self.exp is None or not self.exp.guided(validate) or not len(self.exp.pool):
+            return None
+        return self.exp.guide_fn(self.exp.plan(games, n, tag, validate))
+
+    def _replay_successes(self, batch: Batch, stats: dict) -> Batch:
+        if self.exp is None or self.exp.replay is None:
+            return batch
+        r = self.cfg.exp_manager.replay
+        batch, rows = self.exp.replay.replace_failures(batch, r.success_threshold, r.max_replay_per_group)
+        stats["rows"] += rows
+        return batch
+
+    def _self_evolving_metrics(self, all_rows: Batch, batch: Batch, replay_stats: dict,
+                               timings: dict[str, float]) -> dict:
+        """End of a step's generation: curriculum counts, replay store, pool update; their metrics."""
+        out: dict = {}
+        if not len(all_rows):
+            return out
+        episodes = all_rows.select(all_rows.ids["is_last"].astype(bool) & (all_rows.ids["finish_reason"] != "env_error"))
+        if self.task_source is not None:
+            self.task_source.observe(episodes.ids["task_id"].tolist(), episodes.ids["task_type"].tolist(),
+                                     episodes.ids["won"].tolist())
+            out |= self.task_source.metrics()
+        if self.exp is None:
+            return out
+        e = self.cfg.exp_manager
+        with timer("experience", timings):
+            if self.exp.replay is not None:
+                self.exp.replay.add_successes(all_rows.select(all_rows.ids["finish_reason"] != "env_error"))
+            if e.updated_freq > 0 and (self.global_step + 1) % e.updated_freq == 0:
+                ctx = SummaryContext(self.tokenizer, self.workers.generate, e.summary_max_tokens,
+                                     self._seed(self.global_step, 999))
+                out["experience/added"] = self.exp.add(self._step_records, self.global_step + 1, ctx)
+        self._step_records = []
+        out |= self.exp.metrics()
+        out["experience/injected_rows"] = int(batch.ids["exp_guided"].sum()) if len(batch) else 0
+        out["experience/off_policy_rows"] = int((batch["exp_mask"].sum(-1) > 0).sum()) if len(batch) else 0
+        out["experience/replayed_rows"] = int(batch.ids["exp_replayed"].sum()) if len(batch) else 0
+        out["experience/replaced_rows_generated"] = replay_stats["rows"]
+        return out
+
+    def _init_experience_before_training(self) -> None:
+        """exp_manager.init_experience_before_training: the pool starts with the planner walkthroughs of
+        the first training games (fixed: the train split; generated: the prefetched batches)."""
+        if self.exp is None or not self.cfg.exp_manager.init_experience_before_training or self.global_step:
+            return
+        if self.task_source is not None:
+            self.task_source.start()
+            games = self.task_source.peek_games()
+        else:
+            games = self.train_games
+        records = [walkthrough_record(g) for g in games[: self.cfg.exp_manager.max_pool_size]]
+        self.exp.add(records, 0)
+
+    def _log_val_games(self, batch: Batch) -> None:
+        """Per-game held-out outcomes (val_games.jsonl): what a paired bootstrap over games needs."""
+        if not len(batch):
+            return
+        last = batch.select(batch.ids["is_last"].astype(bool))
+        won: dict[str, list[float]] = defaultdict(list)
+        for tid, w in zip(last.ids["task_id"].tolist(), last.ids["won"].tolist()):
+            won[tid].append(float(w))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "val_games.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.global_step, "won": {k: float(np.mean(v)) for k, v in won.items()}}) + "\n")
+
+    def _self_evolving_state(self) -> dict:
+        return {"task_source": self.task_source.state_dict() if self.task_source is not None else None,
+                "experience": self.exp.state_dict() if self.exp is not None else None}
+
+    def _save_replay(self, step_dir: Path) -> None:
+        if self.exp is not None and self.exp.replay is not None:
+            torch.save(self.exp.replay.state_dict(), step_dir / REPLAY_FILE)
+
+    def _load_self_evolving(self, state: dict, step_dir: Path) -> None:
+        if self.task_source is not None and state.get("task_source"):
+            self.task_source.load_state_dict(state["task_source"])
+        if self.exp is not None and state.get("experience"):
+            self.exp.load_state_dict(state["experience"])
+        if self.exp is not None and self.exp.replay is not None and (step_dir / REPLAY_FILE).is_file():
+            self.exp.replay.load_state_dict(torch.load(step_dir / REPLAY_FILE, weights_only=False))  # our own file
 
     # ------------------------------------------------------------------ state
     def rng_permutation(self, n: int, salt: int) -> np.ndarray:
@@ -362,13 +483,16 @@ class RayTrainer:
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         return {"global_step": self.global_step, "epoch": self.epoch, "cursor": self.cursor, "order": self.order,
                 "empty_steps": self.empty_steps,
-                "wandb_run_id": self.tracker.wandb_run_id,
+                "wandb_run_id": self.tracker.wandb_run_id, "self_evolving": self._self_evolving_state(),
                 "driver_rng": base64.b64encode(pickle.dumps(rng)).decode()}
 
     def _save_checkpoint(self) -> None:
+        def write(path: Path) -> None:
+            self.workers.save_checkpoint(str(path))
+            self._save_replay(path.parent)  # inside the step folder, before the completeness marker
+
         with sigint_deferred():  # Ctrl-C mid-save would waste the save: it lands right after it
-            self.ckpt.save(self.global_step, self._trainer_state(), lambda path: self.workers.save_checkpoint(str(path)),
-                           world_size=self.workers.world_size)
+            self.ckpt.save(self.global_step, self._trainer_state(), write, world_size=self.workers.world_size)
 
     def _maybe_resume(self) -> str | None:
         path, note = self.ckpt.find_resume(str(self.cfg.trainer.resume_mode))
@@ -382,6 +506,7 @@ class RayTrainer:
         self.global_step, self.epoch, self.cursor = state["global_step"], state["epoch"], state["cursor"]
         self.order = state["order"]
         self.empty_steps = state.get("empty_steps", 0)  # absent in checkpoints written before it was counted
+        self._load_self_evolving(state.get("self_evolving") or {}, Path(path))
         py_rng, np_rng, torch_rng = pickle.loads(base64.b64decode(state["driver_rng"]))  # our own file
         random.setstate(py_rng)
         np.random.set_state(np_rng)
@@ -410,6 +535,9 @@ class RayTrainer:
             self.workers.shutdown()
         with contextlib.suppress(Exception):
             self.pool.shutdown()
+        with contextlib.suppress(Exception):
+            if self.task_source is not None:
+                self.task_source.shutdown()
 
 
 def episode_metrics(batch: Batch) -> dict[str, float]:

@@ -131,7 +131,8 @@ def check_data(cfg: DictConfig) -> None:
     from agentevolver.alfworld.data import check_broken_games, resolve_data_dir, scan_split
 
     data_dir = resolve_data_dir(cfg.env.alfworld.data_dir)
-    splits = [cfg.env.alfworld.val_split] if cfg.trainer.val_only else [
+    generated = cfg.data.task_source == "generated"  # its training games are made on line
+    splits = [cfg.env.alfworld.val_split] if cfg.trainer.val_only or generated else [
         cfg.env.alfworld.train_split, cfg.env.alfworld.val_split]
     scans = [scan_split(data_dir, split, cfg.env.alfworld.task_types) for split in splits]
     check_broken_games(scans, cfg.data.max_broken_game_frac, "data.max_broken_game_frac")

@@ -20,6 +20,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from agentevolver.alfworld.agent import ACTION_PROJECTIONS
 from agentevolver.alfworld.data import TASK_TYPES
 from agentevolver.module.agent_flow.llm_policy import ROLLOUT_MODES
+from agentevolver.module.exp_manager.experience import (
+    EXPERIENCE_FIELD,
+    ROLLOUT_EXPMODES,
+    SAMPLE_EXPMODES,
+    SUMMARIZERS,
+)
 from agentevolver.module.exp_manager.het_core_algos import (
     ADV_ESTIMATORS,
     AGG_LOSS_MODES,
@@ -30,8 +36,10 @@ from agentevolver.module.exp_manager.het_core_algos import (
     POLICY_LOSS_MODES,
     REWARD_SHAPING_MODES,
 )
+from agentevolver.module.exp_manager.replay import REPLAY_MATCH
 from agentevolver.module.exp_manager.rollout_corr import ROLLOUT_IS_LEVELS, ROLLOUT_RS_LEVELS
 from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES
+from agentevolver.module.trainer.task_source import CURRICULA, TASK_SOURCES
 from agentevolver.module.trainer.tracking import LOGGERS
 from agentevolver.sft import TEACHERS
 from agentevolver.utils.dist import DEVICES, DTYPE_CHOICES
@@ -216,6 +224,17 @@ SCHEMA: dict[str, Check] = {
     "data.shuffle": Bool(),
     "data.seed": Int(min=0),
     "data.max_broken_game_frac": Num(min=0, max=1),
+    "data.task_source": OneOf(TASK_SOURCES),
+    "data.task_gen.seed": Optional(Int(min=0), "derived from data.seed"),
+    "data.task_gen.split": Str("a folder name for the generated games"),
+    "data.task_gen.prefetch": POS_INT,
+    "data.task_gen.max_games": Optional(POS_INT, "every game fresh"),
+    "data.task_gen.receptacles": ListOf(ListOf(Int(min=3, max=25), length=2)),
+    "data.task_gen.distractors": ListOf(ListOf(Int(min=0, max=40), length=2)),
+    "data.task_gen.closed_fraction": ListOf(FRACTION),
+    "data.task_gen.curriculum": OneOf(CURRICULA),
+    "data.task_gen.curriculum_window": POS_INT,
+    "data.task_gen.curriculum_min_weight": Num(above=0, max=1),
     "actor_rollout_ref.model.path": Str("a local HF model folder"),
     "actor_rollout_ref.model.enable_gradient_checkpointing": Bool(),
     "actor_rollout_ref.model.trust_remote_code": Bool(),
@@ -292,6 +311,25 @@ SCHEMA: dict[str, Check] = {
     "algorithm.dapo.overlong_reward_shaping.buffer_length": Int(min=0),
     "algorithm.dapo.overlong_reward_shaping.penalty_factor": Num(min=0),
     "algorithm.dapo.overlong_reward_shaping.truncation_penalty": Num(min=0),
+    "exp_manager.train_rollout_expmode": OneOf(ROLLOUT_EXPMODES),
+    "exp_manager.val_rollout_expmode": OneOf(ROLLOUT_EXPMODES),
+    "exp_manager.rollout_expratio": FRACTION,
+    "exp_manager.train_sample_expmode": OneOf(SAMPLE_EXPMODES),
+    "exp_manager.train_sample_keepratio": FRACTION,
+    "exp_manager.experience_template": Str("text with {experience} once, then text that ends the block"),
+    "exp_manager.init_experience_before_training": Bool(),
+    "exp_manager.updated_freq": FREQ,
+    "exp_manager.summarizer": OneOf(SUMMARIZERS),
+    "exp_manager.summary_max_tokens": POS_INT,
+    "exp_manager.top_k": POS_INT,
+    "exp_manager.max_pool_size": POS_INT,
+    "exp_manager.max_per_task": POS_INT,
+    "exp_manager.replay.enable": Bool(),
+    "exp_manager.replay.success_threshold": FRACTION,
+    "exp_manager.replay.max_replay_per_group": POS_INT,
+    "exp_manager.replay.max_tasks": POS_INT,
+    "exp_manager.replay.max_per_task": POS_INT,
+    "exp_manager.replay.match": OneOf(REPLAY_MATCH),
     "env.alfworld.data_dir": Optional(Str("a folder holding json_2.1.1/"), "$ALFWORLD_DATA"),
     "env.alfworld.train_split": Str("a folder under json_2.1.1/"),
     "env.alfworld.val_split": Str("a folder under json_2.1.1/"),
@@ -429,9 +467,37 @@ def temperatures_vllm_accepts(cfg: DictConfig) -> None:
         if temperature == 0 and n > 1:
             fail(f"{prefix}.n", n, f"greedy sampling ({key}=0) gives n identical samples: use n=1 or a "
                  "temperature > 0")
+def task_gen_levels_are_ranges(cfg: DictConfig) -> None:
+    g = cfg.data.task_gen
+    for knob in ("receptacles", "distractors", "closed_fraction"):
+        levels = list(g[knob])
+        if not levels or (knob != "closed_fraction" and any(lo > hi for lo, hi in levels)):
+            fail(f"data.task_gen.{knob}", OmegaConf.to_container(g[knob]),
+                 "must be a non-empty list of levels" + ("" if knob == "closed_fraction" else ", each [lo, hi] with lo <= hi"))
+
+
+def generated_tasks_need_steps(cfg: DictConfig) -> None:
+    if cfg.data.task_source == "generated" and cfg.trainer.total_training_steps is None and not cfg.trainer.val_only:
+        fail("trainer.total_training_steps", None, "data.task_source=generated has no epochs: set a number of steps")
+
+
+def curriculum_needs_generated_tasks(cfg: DictConfig) -> None:
+    if cfg.data.task_source == "fixed" and cfg.data.task_gen.curriculum != "uniform":
+        fail("data.task_gen.curriculum", cfg.data.task_gen.curriculum,
+             "weights generated games: needs data.task_source=generated")
+
+
+def experience_template_can_be_stripped(cfg: DictConfig) -> None:
+    template = cfg.exp_manager.experience_template
+    _, sep, tail = template.partition(EXPERIENCE_FIELD)
+    if not sep or not tail or EXPERIENCE_FIELD in tail:
+        fail("exp_manager.experience_template", template,
+             "must contain {experience} exactly once, followed by text that ends the block (e.g. a blank line)")
 
 
 RULES: tuple[Callable[[DictConfig], None], ...] = (
+    task_gen_levels_are_ranges, generated_tasks_need_steps, curriculum_needs_generated_tasks,
+    experience_template_can_be_stripped,
     step_estimator_needs_step_mode, group_estimator_needs_a_group, mini_batch_divides_rows,
     micro_batch_fits_mini_batch, trajectory_mode_keeps_all_history, step_mode_has_no_kl_in_reward,
     overlong_buffer_fits_response, policy_loss_settings_agree, rollout_correction_bounds_and_bypass,
