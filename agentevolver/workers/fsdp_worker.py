@@ -53,7 +53,8 @@ def ref_enabled(config: Any) -> bool:
 
 
 def build_fsdp_model(path: str, device: str, dtype: torch.dtype, *, train: bool, param_offload: bool = False,
-                     gradient_checkpointing: bool = False, trust_remote_code: bool = False) -> torch.nn.Module:
+                     gradient_checkpointing: bool = False, trust_remote_code: bool = False,
+                     attn_implementation: str | None = None) -> torch.nn.Module:
     """Load an HF causal LM and wrap it with FSDP2: `fully_shard` per decoder layer, then the root.
 
     Trained models keep fp32 master params and compute in `dtype` through MixedPrecisionPolicy
@@ -64,7 +65,8 @@ def build_fsdp_model(path: str, device: str, dtype: torch.dtype, *, train: bool,
     if not Path(path, "config.json").is_file():
         raise ValueError(f"actor_rollout_ref.model.path={path!r} is not an HF model folder (no config.json)")
     load_dtype = torch.float32 if train else dtype
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, trust_remote_code=trust_remote_code)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, trust_remote_code=trust_remote_code, **extra)
     if gradient_checkpointing and train:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not train:
@@ -85,6 +87,27 @@ def build_fsdp_model(path: str, device: str, dtype: torch.dtype, *, train: bool,
         model.to("cuda")
     model.train(train)
     return model
+
+
+def attn_implementation(config: Any, device: str) -> str | None:
+    """Padding-free packing runs flash_attention_2 (varlen from the restarting position_ids) on CUDA
+    when flash-attn is installed; otherwise transformers' default (sdpa), whose mask builder detects
+    the packed rows itself (masking_utils.find_packed_sequence_indices) — correct, with a T×T mask."""
+    import importlib.util
+
+    if config.actor_rollout_ref.model.use_remove_padding and device == "cuda" \
+            and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
+def packing(config: Any, role: str) -> het_actor.Packing:
+    """Micro-batching of one pass: role = actor (update) | rollout (old log-probs) | ref (verl's names)."""
+    arr = config.actor_rollout_ref
+    if role == "actor":
+        return het_actor.Packing.from_config(arr.model, arr.actor.use_dynamic_bsz, arr.actor.ppo_max_token_len_per_gpu)
+    sub = arr[role]
+    return het_actor.Packing.from_config(arr.model, sub.log_prob_use_dynamic_bsz, sub.log_prob_max_token_len_per_gpu)
 
 
 def warmup_lambda(warmup_steps: int, decay: Callable[[], float] = lambda: 1.0):
@@ -159,7 +182,8 @@ class ActorRolloutRefWorker:
         self.actor = build_fsdp_model(path, self.device, self.dtype, train=True,
                                       param_offload=arr.actor.fsdp_config.param_offload,
                                       gradient_checkpointing=arr.model.enable_gradient_checkpointing,
-                                      trust_remote_code=remote)
+                                      trust_remote_code=remote,
+                                      attn_implementation=attn_implementation(self.config, self.device))
         optim = arr.actor.optim
         self.optimizer = torch.optim.AdamW(self.actor.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
                                            betas=tuple(optim.betas))
@@ -168,7 +192,8 @@ class ActorRolloutRefWorker:
             self.optimizer, warmup_lambda(int(optim.lr_warmup_steps), lambda: self.lr_decay))
         if self.enable_ref:
             self.ref = build_fsdp_model(path, self.device, self.dtype, train=False,
-                                        param_offload=arr.ref.param_offload, trust_remote_code=remote)
+                                        param_offload=arr.ref.param_offload, trust_remote_code=remote,
+                                        attn_implementation=attn_implementation(self.config, self.device))
         if self.enable_rollout:
             from agentevolver.workers.rollout import make_rollout_engine
 
@@ -221,7 +246,7 @@ class ActorRolloutRefWorker:
         self._sleep_rollout()
         mbs = int(self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu)
         logp, ent = het_actor.compute_log_prob(self.actor, batch, self._temperature(batch), mbs, calculate_entropy,
-                                              device=self.device)
+                                               packing(self.config, "rollout"), device=self.device)
         tensors = {"old_log_probs": logp} | ({"entropys": ent} if ent is not None else {})
         return Batch(tensors, {"traj_id": batch.ids["traj_id"]})
 
@@ -230,7 +255,8 @@ class ActorRolloutRefWorker:
             raise ValueError("compute_ref_log_prob needs the reference policy (actor_rollout_ref.ref.enable)")
         self._sleep_rollout()
         mbs = int(self.config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu)
-        logp, _ = het_actor.compute_log_prob(self.ref, batch, self._temperature(batch), mbs, device=self.device)
+        logp, _ = het_actor.compute_log_prob(self.ref, batch, self._temperature(batch), mbs,
+                                             packing=packing(self.config, "ref"), device=self.device)
         return Batch({"ref_log_prob": logp}, {"traj_id": batch.ids["traj_id"]})
 
     def update_actor(self, batch: Batch, loss: str = "ppo", progress: float = 0.0) -> dict[str, float]:
@@ -244,7 +270,7 @@ class ActorRolloutRefWorker:
             group["lr"] = base_lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         metrics = het_actor.update_policy(self.actor, self.optimizer, self.scheduler, batch,
                                           self.config.actor_rollout_ref.actor, self._temperature(batch), loss,
-                                          device=self.device)
+                                          packing(self.config, "actor"), device=self.device)
         if self.config.actor_rollout_ref.actor.fsdp_config.optimizer_offload:
             self._optimizer_to("cpu")
         return metrics
