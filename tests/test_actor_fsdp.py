@@ -90,17 +90,37 @@ def _set_mbs(w, mbs: int) -> None:
 
 
 def sc_update(w, shard, args):
-    """mbs variants from the same initial state (restored from an init checkpoint)."""
+    """Micro-batching variants from the same initial state (restored from an init checkpoint): an int is
+    ppo_micro_batch_size_per_gpu; a dict holds actor_rollout_ref overrides (token budgets, packing)."""
     res = {}
     if len(args["mbs"]) > 1:
         w.save_checkpoint(args["ckpt"])
     for i, mbs in enumerate(args["mbs"]):
         if i:
             w.load_checkpoint(args["ckpt"])
-        _set_mbs(w, mbs)
+        if isinstance(mbs, dict):
+            for k, v in mbs.items():
+                OmegaConf.update(w.config, f"actor_rollout_ref.{k}", v)
+            mbs = ",".join(f"{k}={v}" for k, v in mbs.items())
+        else:
+            _set_mbs(w, mbs)
+        grads = _record_grads(w)
         metrics = w.update_actor(shard)
-        res[mbs] = (w.get_full_state_dict(), metrics)
+        res[mbs] = (w.get_full_state_dict(), metrics, grads)
     return res
+
+
+def _record_grads(w) -> list:
+    """The full accumulated gradient of every optimizer step (a collective, like the step itself)."""
+    grads, step = [], type(w.optimizer).step
+
+    def recording_step(*a, **k):
+        grads.append(torch.cat([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).flatten()
+                                for p in w.actor.parameters()]))
+        return step(w.optimizer, *a, **k)
+
+    w.optimizer.step = recording_step
+    return grads
 
 
 def sc_checkpoint(w, shard, args):
@@ -150,14 +170,25 @@ def test_update_same_on_1_and_2_ranks_and_any_micro_batch(model_dir, tmp_path):
                                     "actor.grad_clip": 1e9, "actor.ppo_epochs": 2})
     batch = make_batch(7)  # odd: rank 0 holds 4 rows, rank 1 holds 3 (padded with a dummy row)
     one = run_ranks(1, "update", tmp_path, config=cfg, batch=batch, mbs=[4, 1], ckpt=str(tmp_path / "c1"))
-    two = run_ranks(2, "update", tmp_path, config=cfg, batch=batch, mbs=[1], ckpt=str(tmp_path / "c2"))
-    d_mbs = max_diff(one[4][0], one[1][0])
-    d_rank = max_diff(one[4][0], two[1][0])
-    print(f"max|Δθ| mbs 4 vs 1 (1 rank): {d_mbs:.3g}; 1 rank vs 2 ranks: {d_rank:.3g}")
-    assert d_mbs < 1e-5 and d_rank < 1e-5
-    m1, m2 = one[4][1], two[1][1]
-    for k in ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm", "actor/pg_clipfrac"):
-        assert math.isclose(m1[k], m2[k], rel_tol=1e-5, abs_tol=1e-7), (k, m1[k], m2[k])
+    # 2 ranks: fixed rows, then token budgets (10 < the longest row of 14 tokens: rows run alone; 30:
+    # uneven micro-batches, rank 1 with a dummy) with padding-free packing
+    budgets = [{"actor.use_dynamic_bsz": True, "actor.ppo_max_token_len_per_gpu": b, "model.use_remove_padding": rp,
+                "model.logprob_chunk_size": c} for b, rp, c in ((10, True, 3), (30, True, 1024), (30, False, 5))]
+    two = run_ranks(2, "update", tmp_path, config=cfg, batch=batch, mbs=[1, *budgets], ckpt=str(tmp_path / "c2"))
+    # Exactness is checked on the accumulated gradients of both optimizer steps (relative 1e-6). The
+    # parameters after two AdamW steps at lr 1e-2 get a looser bound: Adam divides by sqrt(v), so the
+    # elements whose gradient cancels to ~1e-8 turn fp32 rounding of differently-shaped (trimmed /
+    # packed) micro-batches into ~1e-5 steps.
+    for name, res in [("1 rank mbs 1", one[1])] + [(f"2 ranks {k}", v) for k, v in two.items()]:
+        d = max_diff(one[4][0], res[0])
+        g_rel = max(((a - b).norm() / a.norm()).item() for a, b in zip(one[4][2], res[2]))
+        print(f"1 rank mbs 4 vs {name}: max|Δθ| {d:.3g}, grad rel diff {g_rel:.3g}")
+        assert len(res[2]) == 2 and g_rel < 1e-6, name
+        assert d < 5e-5, name
+    for name, (state, metrics, _) in two.items():
+        for k in ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm", "actor/pg_clipfrac"):
+            assert math.isclose(one[4][1][k], metrics[k], rel_tol=1e-5, abs_tol=1e-7), (name, k)
+    m1 = one[4][1]
     assert m1["actor/skipped_steps"] == 0 and m1["actor/grad_norm"] > 0
 
 
@@ -201,9 +232,12 @@ def test_checkpoint_resume_gives_identical_next_update(model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def misc(model_dir, tmp_path_factory) -> tuple[Batch, dict]:
     """One 2-rank run shared by the log-prob, NaN and SFT tests (process start-up dominates)."""
+    # the old-log-prob pass packs padding-free under a 15-token budget; the reference runs 1 row at a time
     cfg = make_config(model_dir, **{"actor.optim.lr": 3e-3, "rollout.temperature": 0.7,
                                     "rollout.log_prob_micro_batch_size_per_gpu": 2, "ref.enable": True,
-                                    "ref.log_prob_micro_batch_size_per_gpu": 1})
+                                    "ref.log_prob_micro_batch_size_per_gpu": 1, "model.use_remove_padding": True,
+                                    "rollout.log_prob_use_dynamic_bsz": True,
+                                    "rollout.log_prob_max_token_len_per_gpu": 15, "model.logprob_chunk_size": 4})
     batch = make_batch(6)
     bad = Batch(dict(batch.tensors), batch.ids)
     bad.tensors["advantages"] = batch["advantages"].clone()
@@ -247,7 +281,7 @@ def test_actor_log_probs_match_a_plain_hf_forward(model_dir, misc):
         worst = max(worst, (got["old_log_probs"][i, :n_resp] - ref).abs().max().item())
         ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
         assert torch.allclose(got["entropys"][i, :n_resp], ent, atol=1e-4)
-    print(f"max|Δ logp| actor (2 ranks, padded, micro-batch 2) vs plain HF: {worst:.3g}; "
+    print(f"max|Δ logp| actor (2 ranks, packed, 15-token budget) vs plain HF: {worst:.3g}; "
           f"frozen ref vs initial actor: {res['ref_vs_actor']:.3g}")
     assert res["ref_vs_actor"] < 1e-5
     assert worst < 1e-4

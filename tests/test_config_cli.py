@@ -58,6 +58,9 @@ CASES = [
     (["actor_rollout_ref.rollout.name=sglang"], "actor_rollout_ref.rollout.name='sglang'", "hf, vllm"),
     (["actor_rollout_ref.actor.policy_loss.loss_mode=ppo"], "policy_loss.loss_mode='ppo'", "gspo, clip_cov"),
     (["actor_rollout_ref.rollout.vllm_sync_mode=swap"], "vllm_sync_mode='swap'", "reload, rebuild"),
+    (["actor_rollout_ref.actor.ppo_max_token_len_per_gpu=0"], "ppo_max_token_len_per_gpu=0", ">= 1"),
+    (["actor_rollout_ref.model.use_remove_padding=maybe"], "use_remove_padding='maybe'", "true or false"),
+    (["actor_rollout_ref.model.logprob_chunk_size=0"], "logprob_chunk_size=0", ">= 1"),
 ]
 
 

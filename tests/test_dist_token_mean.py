@@ -25,10 +25,13 @@ from agentevolver.module.exp_manager.het_core_algos import (
     get_policy_loss_fn,
     kl_cov_select,
 )
+from agentevolver.utils.seqlen_balancing import min_micro_batches, token_budget_micro_batches
 
 WORLD = 2
 VOCAB, HIDDEN, B, T = 13, 8, 7, 10
 RANK_ROWS = {0: [[0], [1, 2, 3]], 1: [[4], [5], [6]]}  # uneven ranks, micro-batches of size 1 included
+RANK_SHARD = {0: [0, 1, 2, 3], 1: [4, 5, 6]}
+TOKEN_BUDGETS = (1, 6, 12, 17, 1000)  # below the longest row (rows run alone) .. everything in one
 
 
 class TinyPolicy(torch.nn.Module):
@@ -108,9 +111,19 @@ def full_batch_grad(mode: str) -> torch.Tensor:
     return flat_grad(model)
 
 
-def data_parallel_grad(mode: str, rank: int, naive: bool) -> torch.Tensor:
+def budget_micro_batches(rank: int, budget: int, mask: torch.Tensor) -> list[list[int]]:
+    """The actor's use_dynamic_bsz split: token-budget partitions of this rank's rows, as many on every
+    rank (max over ranks, one all-reduce); an empty partition is simply skipped here (no FSDP)."""
+    rows = RANK_SHARD[rank]
+    lengths = mask[rows].sum(-1).long().tolist()
+    k = torch.tensor([min_micro_batches(lengths, budget)])
+    dist.all_reduce(k, op=dist.ReduceOp.MAX)
+    return [[rows[i] for i in part] for part in token_budget_micro_batches(lengths, budget, int(k))]
+
+
+def data_parallel_grad(mode: str, rank: int, naive: bool, micro: list[list[int]] | None = None) -> torch.Tensor:
     model, tokens, old, adv, mask = make_setup()
-    micro = RANK_ROWS[rank]
+    micro = [m for m in (micro or RANK_ROWS[rank]) if m]
     counts = torch.zeros(2, dtype=torch.int64)
     for rows in micro:
         counts += torch.stack(count_tokens_and_seqs(mask[rows]))
@@ -138,6 +151,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             ref = full_batch_grad(mode)
             result[mode] = ((data_parallel_grad(mode, rank, naive=False) - ref).abs().max().item(),
                             ref.abs().max().item())
+            for budget in TOKEN_BUDGETS:
+                micro = budget_micro_batches(rank, budget, make_setup()[-1])
+                result[(mode, budget)] = ((data_parallel_grad(mode, rank, False, micro) - ref).abs().max().item(),
+                                          ref.abs().max().item())
         for loss_mode in POLICY_LOSS_MODES:
             for mode in AGG_LOSS_MODES:
                 full, dp = mode_grads(loss_mode, mode, rank)
@@ -162,9 +179,10 @@ def test_dp_micro_batches_reproduce_full_batch_gradient(tmp_path, monkeypatch):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        for mode in [*AGG_LOSS_MODES, *(f"{lm}/{m}" for lm in POLICY_LOSS_MODES for m in AGG_LOSS_MODES)]:
-            err, scale = result[mode]
-            assert scale > 1e-3, mode  # a real, non-vanishing gradient
-            assert err < 1e-6, (mode, err)
+        for key in [*AGG_LOSS_MODES, *((m, b) for m in AGG_LOSS_MODES for b in TOKEN_BUDGETS),
+                    *(f"{lm}/{m}" for lm in POLICY_LOSS_MODES for m in AGG_LOSS_MODES)]:
+            err, scale = result[key]
+            assert scale > 1e-3, key  # a real, non-vanishing gradient
+            assert err < 1e-6, (key, err)
         # per-micro-batch normalisation is not the batch token-mean: far off, not rounding
         assert result["naive_rel_err"] > 0.1, result["naive_rel_err"]

@@ -20,8 +20,11 @@ def group(tiny_model_dir):
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    # token budgets (rows token-balanced over the ranks) and padding-free packing on every pass
     cfg = make_config(tiny_model_dir, **{"rollout.temperature": TEMPERATURE, "rollout.name": "hf",
-                                         "rollout.log_prob_micro_batch_size_per_gpu": 3})
+                                         "rollout.log_prob_micro_batch_size_per_gpu": 3,
+                                         "actor.use_dynamic_bsz": True, "actor.ppo_max_token_len_per_gpu": 40,
+                                         "model.use_remove_padding": True})
     cfg.trainer.n_gpus_per_node = 2
     g = ActorRolloutRefGroup(cfg)
     yield g

