@@ -48,6 +48,8 @@ VALUE_CASES = [
      "(actor_rollout_ref.rollout.val_kwargs.temperature=0) gives n identical samples")),
     ({"actor_rollout_ref.rollout.tensor_model_parallel_size": 2},
      "actor_rollout_ref.rollout.tensor_model_parallel_size=2 is invalid: must be 1: each rank's Ray actor owns one GPU"),
+    ({"actor_rollout_ref.rollout.vllm_sync_mode": "rebuild"},
+     "actor_rollout_ref.rollout.vllm_sync_mode='rebuild' is invalid: must be reload in the trainer"),
     ({"actor_rollout_ref.model.attn_implementation": "flash3"},
      ("actor_rollout_ref.model.attn_implementation='flash3' is invalid: must be one of auto, sdpa, eager, "
      "flash_attention_2")),

@@ -51,10 +51,14 @@ def test_engine_seed_rng_cache_root_and_rebuild(trainer_group, tmp_path):
     model_config = eng.llm.llm_engine.vllm_config.model_config
     assert model_config.seed == 7 and model_config.max_model_len == 512  # items 2 and 8
     assert os.environ["VLLM_CACHE_ROOT"].endswith(os.sep + "rank1")  # item 7
-    # item 3: a rebuild (the CPU sync mode) must leave the trainer's group alive and usable
+    # item 3: a rebuild would shut the engine down, and vLLM's shutdown destroys torch.distributed's
+    # default group (v1/engine/core.py:839): with the trainer's group alive it is refused, the group kept
     eng.sync_mode = "rebuild"
     sd = {k: v.clone() for k, v in
           make_rollout_engine("hf", str(tiny), cfg, "cpu", torch.float32).model.state_dict().items()}
+    with pytest.raises(ValueError, match="vllm_sync_mode=rebuild would destroy the trainer's"):
+        eng.load_weights(sd, version=1)
+    eng.sync_mode = "reload"
     eng.load_weights(sd, version=1)
     assert dist.is_initialized() and dist.group.WORLD is trainer_group
     t = torch.ones(1)

@@ -504,6 +504,15 @@ def experience_template_can_be_stripped(cfg: DictConfig) -> None:
              "must contain {experience} exactly once, followed by text that ends the block (e.g. a blank line)")
 
 
+def trainer_syncs_vllm_in_place(cfg: DictConfig) -> None:
+    """The trainer always owns a process group, and a rebuild's engine shutdown destroys it
+    (vllm/v1/engine/core.py:839 -> distributed/parallel_state.py:2541 destroy_distributed_environment)."""
+    rollout = cfg.actor_rollout_ref.rollout
+    if rollout.name == "vllm" and rollout.vllm_sync_mode == "rebuild":
+        fail("actor_rollout_ref.rollout.vllm_sync_mode", "rebuild", "must be reload in the trainer: a rebuild "
+             "shuts the engine down, and vLLM's shutdown destroys the trainer's torch.distributed group")
+
+
 RULES: tuple[Callable[[DictConfig], None], ...] = (
     task_gen_levels_are_ranges, generated_tasks_need_steps, curriculum_needs_generated_tasks,
     experience_template_can_be_stripped,
@@ -511,6 +520,7 @@ RULES: tuple[Callable[[DictConfig], None], ...] = (
     micro_batch_fits_mini_batch, trajectory_mode_keeps_all_history, step_mode_has_no_kl_in_reward,
     overlong_buffer_fits_response, policy_loss_settings_agree, rollout_correction_bounds_and_bypass,
     one_gpu_per_engine, temperatures_vllm_accepts,
+    trainer_syncs_vllm_in_place,
 )
 
 

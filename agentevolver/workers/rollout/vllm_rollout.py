@@ -78,7 +78,9 @@ def vllm_cache_root(env: dict[str, str], rank: int) -> str:
 
 
 def _teardown_parallel_state(owns_world: bool) -> None:
-    """Free vLLM's model-parallel groups before a rebuild. Its world group and torch.distributed's
+    """Free vLLM's model-parallel groups before a rebuild (standalone engines only: with a trainer's
+    group alive, load_weights refuses rebuild, because EngineCore.shutdown() itself already calls
+    cleanup_dist_env_and_memory(), vllm/v1/engine/core.py:839). Its world group and torch.distributed's
     default group are destroyed ONLY when vLLM created them: destroy_distributed_environment() calls
     torch.distributed.destroy_process_group() (vllm/distributed/parallel_state.py:2512-2513), which would
     tear down the trainer's own group. A kept world is adopted again by the next engine
@@ -174,6 +176,12 @@ class VLLMRolloutEngine(RolloutEngine):
             raise ValueError(f"unknown vllm sync_mode {self.sync_mode!r}; valid names: {list(VLLM_SYNC_MODES)}")
         if self._asleep:  # the worker woke ["weights"] already; a direct caller gets them here
             self.wake_up(tags=["weights"])
+        if self.sync_mode == "rebuild" and not self._owns_world:
+            # vLLM's EngineCore.shutdown() calls cleanup_dist_env_and_memory() (v1/engine/core.py:839), whose
+            # destroy_distributed_environment() destroys torch.distributed's default group
+            # (distributed/parallel_state.py:2541, :2512-2513): a rebuild would take the trainer's group with it
+            raise ValueError("vllm_sync_mode=rebuild would destroy the trainer's torch.distributed process group "
+                             "(vLLM's engine shutdown tears it down): use vllm_sync_mode=reload")
         if self.sync_mode == "rebuild":
             self._rebuild(state_dict if isinstance(state_dict, Mapping) else dict(state_dict))
         else:
