@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -81,6 +82,21 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+_REF = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")  # a plain `${a.b.c}` reference (not a resolver like oc.env)
+
+
+def _resolve_refs(node: dict, root: dict) -> None:
+    """Resolve base.yaml's key-to-key interpolations (e.g. rollout.log_prob_use_dynamic_bsz) in place."""
+    for k, v in node.items():
+        if isinstance(v, dict):
+            _resolve_refs(v, root)
+        elif isinstance(v, str) and (m := _REF.match(v)):
+            target: Any = root
+            for part in m.group(1).split("."):
+                target = target[part]
+            node[k] = target
+
+
 def recipe_config(model_path: str, device: str) -> Node:
     """config/base.yaml + config/alfworld_dapo_3b.yaml (the recipe), with the smoke's few overrides."""
     import yaml  # a transformers dependency
@@ -88,11 +104,22 @@ def recipe_config(model_path: str, device: str) -> Node:
     base = yaml.safe_load((REPO / "config" / "base.yaml").read_text())
     recipe = yaml.safe_load((REPO / "config" / "alfworld_dapo_3b.yaml").read_text())
     recipe.pop("defaults", None)
-    cfg = Node(_merge(base, recipe))
+    merged = _merge(base, recipe)
+    _resolve_refs(merged, merged)
+    cfg = Node(merged)
     cfg.actor_rollout_ref.model.path = model_path
     cfg.trainer.device = device
+    cfg.trainer.n_gpus_per_node, cfg.trainer.nnodes = 1, 1  # one process on one GPU (what plan_memory plans)
     cfg.actor_rollout_ref.rollout.name = "hf"  # no vLLM on the lent machine
     return cfg
+
+
+def _plan_memory(cfg: Node) -> dict:
+    from agentevolver.utils.memory_plan import plan_config
+
+    out = plan_config(cfg, float(os.environ.get("GPU_SMOKE_GPU_MEMORY_GIB", 80)))
+    out.pop("phases_bytes", None)
+    return out
 
 
 def write_random_model(out: Path, shape: dict, device: str) -> Path:
@@ -197,6 +224,7 @@ def main() -> dict:
     # one rank's share of the recipe's optimizer steps: mini-batch rows per GPU, its micro-batches
     arr.actor.ppo_mini_batch_size = max(1, int(arr.actor.ppo_mini_batch_size) // N_GPUS_RECIPE)
     gen_tokens = int(os.environ.get("GPU_SMOKE_GEN_TOKENS", shape["gen_tokens"] or arr.rollout.response_length))
+    plan = _plan_memory(cfg)  # while the model folder (its config.json) exists
     worker = ActorRolloutRefWorker(cfg, 0, 1, "127.0.0.1", free_port())
     worker.init_model()
     build_s = time.perf_counter() - t0
@@ -254,9 +282,9 @@ def main() -> dict:
         "pg_loss": last["pg_loss"], "rounds": rounds,
         # must stay empty: the lent GPU machine has none of these
         "unavailable_imports": sorted({m.split(".")[0] for m in sys.modules} & set(UNAVAILABLE)),
-        # issue 15 (long-context memory planner, scripts/plan_memory.py) provides the estimate to print
-        # beside the measured peaks; not on main yet, so null.
-        "plan_memory": None,
+        # the analytic per-GPU plan (utils/memory_plan.py) of this config, beside the measured peaks
+        # (world size 1 as run; vLLM's share is 0 here since the smoke runs the hf engine)
+        "plan_memory": plan,
     }
 
 
