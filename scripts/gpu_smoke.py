@@ -117,7 +117,7 @@ def recipe_config(model_path: str, device: str) -> Node:
 def _plan_memory(cfg: Node) -> dict:
     from agentevolver.utils.memory_plan import plan_config
 
-    out = plan_config(cfg, float(os.environ.get("GPU_SMOKE_GPU_MEMORY_GIB", 80)))
+    out = plan_config(cfg, float(os.environ.get("GPU_SMOKE_GPU_MEMORY_GIB", "80")))
     out.pop("phases_bytes", None)
     return out
 
