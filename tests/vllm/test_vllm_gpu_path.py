@@ -34,6 +34,12 @@ def trainer_group():
     store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     yield dist.group.WORLD
+    # vLLM's global groups were built on this world: tear them down with it, or the next module's
+    # engine finds a stale world group ("not initialized in the world group map")
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -114,9 +114,10 @@ def chunked_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: 
 
 @contextlib.contextmanager
 def logprob_head(module: torch.nn.Module, labels: torch.Tensor, temperature: float, chunk_size: int,
-                 entropy: str) -> Iterator[dict[str, torch.Tensor | None]]:
-    """While active, the model's output embedding maps the kept hidden states (N, H) to log-probs of
-    `labels` (N,) instead of logits; the results land in the yielded dict ("logp", "entropy"), and the
+                 entropy: str, keep: torch.Tensor) -> Iterator[dict[str, torch.Tensor | None]]:
+    """While active, the model's output embedding maps the hidden states at `keep` (a (b, L) bool mask,
+    N True; selected here rather than through `logits_to_keep`, whose bool form transformers < 5.20 lacks)
+    to log-probs of `labels` (N,) instead of logits; the results land in the yielded dict ("logp", "entropy"), and the
     model's `logits` output is logp (N, 1) (with entropy as a second column when it carries a gradient,
     so FSDP2's pre-backward hooks see every differentiable output)."""
     head = module.get_output_embeddings()
@@ -125,7 +126,7 @@ def logprob_head(module: torch.nn.Module, labels: torch.Tensor, temperature: flo
     out: dict[str, torch.Tensor | None] = {"logp": None, "entropy": None}
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.reshape(-1, hidden.shape[-1])
+        hidden = hidden[keep]  # (b, L, H) -> (N, H)
         logp, ent = chunked_logprob_entropy(hidden, head.weight, labels, temperature, chunk_size, entropy)
         out["logp"], out["entropy"] = logp, ent
         return torch.stack([logp, ent], -1) if entropy == "grad" else logp[:, None]

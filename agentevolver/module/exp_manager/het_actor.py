@@ -111,8 +111,8 @@ def _forward(module: torch.nn.Module, mb: dict[str, torch.Tensor], temperature: 
     r = mb["responses"].shape[1]
     inputs, keep, resp = _model_inputs(mb, packing.remove_padding)
     labels = mb["responses"][:, :resp.shape[1]][resp]
-    with logprob_head(module, labels, temperature, packing.chunk_size, entropy) as head:
-        module(**inputs, use_cache=False, logits_to_keep=keep)
+    with logprob_head(module, labels, temperature, packing.chunk_size, entropy, keep) as head:
+        module(**inputs, use_cache=False, logits_to_keep=0)  # 0 = every position: the head selects `keep`
 
     def unflatten(x: torch.Tensor) -> torch.Tensor:
         full = x.new_zeros(resp.shape).masked_scatter(resp, x)
