@@ -206,8 +206,15 @@ def test_loss_mode_and_is_weights_through_the_actor_on_any_split(model_dir, tmp_
     one = run_ranks(1, "update", tmp_path, config=cfg, batch=weighted, mbs=[4, 1], ckpt=str(tmp_path / "c1"))
     two = run_ranks(2, "update", tmp_path, config=cfg, batch=weighted, mbs=[1], ckpt=str(tmp_path / "c2"))
     plain = run_ranks(1, "update", tmp_path, config=cfg, batch=batch, mbs=[4], ckpt=str(tmp_path / "c3"))
-    assert max_diff(one[4][0], one[1][0]) < 1e-5 and max_diff(one[4][0], two[1][0]) < 1e-5
-    assert max_diff(one[4][0], plain[4][0]) > 1e-4  # the weights are applied
+    # exact on the accumulated gradients; the parameters after two AdamW steps get the looser bound
+    # explained in test_update_same_on_1_and_2_ranks_and_any_micro_batch (Adam's 1/sqrt(v) on ~0 grads)
+    def grad_rel(a, b) -> float:
+        return max(((x - y).norm() / x.norm()).item() for x, y in zip(a[2], b[2]))
+
+    # (the second step's gradient is taken at parameters that already differ by that fp32 rounding)
+    assert grad_rel(one[4], one[1]) < 1e-5 and grad_rel(one[4], two[1]) < 1e-5
+    assert max_diff(one[4][0], one[1][0]) < 1e-4 and max_diff(one[4][0], two[1][0]) < 1e-4
+    assert grad_rel(one[4], plain[4]) > 1e-2  # the weights are applied
     for k in ("actor/pg_loss", "actor/grad_norm", "actor/pg_clipfrac", "actor/ppo_kl"):
         assert math.isclose(one[4][1][k], two[1][1][k], rel_tol=1e-5, abs_tol=1e-7), k
 
