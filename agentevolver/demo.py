@@ -153,11 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=list(PRESETS), default="fixed",
                     help="ablation row: fixed games | + fresh generated tasks | + curriculum | + experience-guided "
                          "rollouts | + replay of successes (each adds to the one before)")
+    ap.add_argument("--warm-start", default=None, metavar="DEMO_OUT",
+                    help="reuse another demo's games and warm start (its data/ and sft/hf_actor): the ablation rows "
+                         "then start from the same model")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the DAPO run")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
+    shared = Path(args.warm_start).resolve() if args.warm_start else out
+    if args.warm_start and not (shared / "sft" / "hf_actor" / "config.json").is_file():
+        print(f"--warm-start {shared}: no sft/hf_actor/config.json there (run the demo into it first)", file=sys.stderr)
+        return 2
+    data = shared / "data"
     t0 = time.time()
     memory = PeakMemory()
     py = sys.executable
@@ -173,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
            str(args.heldout_games), "--seed", str(1000 * args.seed + 500), "--split", "valid_seen", *knobs)
     common = [f"env.alfworld.data_dir={data}", f"trainer.seed={args.seed}", f"data.seed={args.seed}",
               "trainer.resume_mode=disable"]
-    sft_dir = out / "sft"
+    sft_dir = shared / "sft"
     sft = [py, "-m", "agentevolver.sft", "--config-name", "alfworld_dapo_tiny", *common,
            f"actor_rollout_ref.model.path={TINY_MODEL}", f"trainer.default_local_dir={sft_dir}",
            f"hydra.run.dir={out / 'hydra' / 'sft'}"]
     if args.sft_epochs is not None:
         sft.append(f"sft.epochs={args.sft_epochs}")
-    sh(*sft)
+    if not args.warm_start:
+        sh(*sft)
     dapo_dir = out / "dapo"
     (dapo_dir / "metrics.jsonl").unlink(missing_ok=True)
     (dapo_dir / "val_games.jsonl").unlink(missing_ok=True)
@@ -222,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": memory.stop(),
         "trainer_overhead_frac_mean": round(sum(r.get("timing/overhead_frac", 0) for r in rows if r["step"] > 0)
                                             / max(1, sum(1 for r in rows if r["step"] > 0)), 4),
+        "warm_start_from": str(sft_dir / "hf_actor"),
         "loss_agg_mode": "token-mean",
         "dapo_overrides": [*PRESETS[args.preset], *args.overrides],
     }

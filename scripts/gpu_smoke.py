@@ -1,7 +1,7 @@
 """GPU smoke test of the training step, without Ray: the project's `ActorRolloutRefWorker` in ONE process.
 
     bash scripts/gpu_smoke.sh                 # Qwen2.5-3B shape, random weights, on the visible GPU
-    GPU_SMOKE_SHAPE=tiny bash scripts/gpu_smoke.sh   # a 2-layer model on CPU in seconds (tests/test_gpu_smoke.py)
+    GPU_SMOKE_SHAPE=tiny bash scripts/gpu_smoke.sh   # a 2-layer model on CPU in seconds (tests/scripts/test_gpu_smoke.py)
 
 What it runs (issue 13 item 12): a random-weight model of Qwen2.5-3B's real shape (hidden 2048, 36
 layers, 16 query / 2 KV heads, intermediate 11008, vocabulary 151 936, tied embeddings) written as an

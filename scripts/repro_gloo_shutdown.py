@@ -2,7 +2,7 @@
 
     python scripts/repro_gloo_shutdown.py --runs 50 [--update]
 
-Issue 14 item 8: an intermittent SIGABRT at the end of a 2-rank spawn in tests/test_actor_fsdp.py.
+Issue 14 item 8: an intermittent SIGABRT at the end of a 2-rank spawn in tests/workers/test_actor_fsdp.py.
 Each run is one torch.multiprocessing spawn, exactly as the test's run_ranks.
 """
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_actor_fsdp import make_batch, make_config, make_tiny_model
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agentevolver.utils.dist import free_port
+from tests.helpers import make_batch, make_config, make_tiny_model
 
 
 def _target(rank: int, world: int, port: int, cfg, update: bool) -> None:

@@ -50,3 +50,14 @@ def drops_think_template() -> str:
         "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' + '\\n' }}{%- endfor %}"
         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
     )
+
+
+@pytest.fixture(scope="session")
+def gen_data(tmp_path_factory) -> Path:
+    """4 generated train games and 3 held-out ones (the trainer end-to-end tests' data)."""
+    from agentevolver.alfworld.generator import generate_games
+
+    out = tmp_path_factory.mktemp("games")
+    generate_games(out, 4, seed=11, split="train", max_receptacles=8)
+    generate_games(out, 3, seed=12, split="valid_seen", max_receptacles=8)
+    return out

@@ -10,7 +10,7 @@ AutoModelForCausalLM / AutoTokenizer.
 Why the tokenizer pipeline copies Qwen2's: transformers 5.x loads model_type qwen2 with
 `Qwen2Tokenizer`, which rebuilds the pipeline (NFC normalizer, Qwen2 split regex + ByteLevel
 pre-tokenizer, ByteLevel decoder) around the saved vocab/merges. A BPE trained with any other
-pre-tokenizer would silently produce different ids after reload (tests/test_tiny_model.py::
+pre-tokenizer would silently produce different ids after reload (tests/models/test_tiny_model.py::
 test_tokenizer_ids_survive_reload checks that they do not).
 """
 from __future__ import annotations

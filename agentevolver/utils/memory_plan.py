@@ -4,7 +4,7 @@ Why analytic and not FakeTensorMode + torch.distributed._tools.MemTracker: the p
 fake-tensor trace of the actor cannot see (vLLM's gpu_memory_utilization share, the weight-sync
 transient, the phases of one training step that never coexist), it must run in config_check in
 milliseconds on a CPU box for a 3B model whose weights are not there, and every term is a closed
-form a reader can check. tests/test_memory_plan.py measures real peaks (MemTracker on CPU) for two
+form a reader can check. tests/utils/test_memory_plan.py measures real peaks (MemTracker on CPU) for two
 model shapes and requires the same formulas within ±25 %.
 
 All sizes in bytes; N = ranks (FSDP2 shards over all of them); c = compute dtype bytes (bf16: 2).

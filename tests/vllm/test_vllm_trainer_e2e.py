@@ -12,18 +12,17 @@ weights and the syncs have something to carry.
 """
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 import ray
 import torch
 from hydra import compose, initialize_config_dir
-from test_trainer_e2e import REPO, cli, env, gen_data, read_metrics, small_overrides  # noqa: F401  (fixture)
 from transformers import AutoTokenizer
 
 from agentevolver.main_ppo import CONFIG_DIR, validated
 from agentevolver.workers.rollout import SamplingParams, make_rollout_engine
+from tests.helpers import read_metrics, run_main_ppo, small_overrides
 
 pytestmark = pytest.mark.slow
 VLLM = ["actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.vllm_sync_mode=reload",
@@ -34,7 +33,7 @@ MESSAGES = ["look", "You arrive at countertop 1. On the countertop 1, you see a 
             "Your task is to: put a hot potato in fridge.", "go to sinkbasin 1"]
 
 
-def test_vllm_trainer_two_ranks_reload_validate_checkpoint_resume(tiny_model_dir, gen_data, tmp_path):  # noqa: F811
+def test_vllm_trainer_two_ranks_reload_validate_checkpoint_resume(tiny_model_dir, gen_data, tmp_path):
     from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
 
     def engine_state(worker) -> dict:
@@ -50,8 +49,7 @@ def test_vllm_trainer_two_ranks_reload_validate_checkpoint_resume(tiny_model_dir
     out = tmp_path / "run"
     overrides = small_overrides(tiny_model_dir, gen_data, out) + VLLM
     t0 = time.perf_counter()
-    proc = subprocess.run(cli(overrides + ["trainer.total_training_steps=2"]), check=False, cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = run_main_ppo(overrides + ["trainer.total_training_steps=2"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     t_cli = time.perf_counter() - t0
     rows = read_metrics(out)

@@ -1,6 +1,6 @@
 """The actor: response-token log-probs and the DAPO / SFT update of an FSDP2-wrapped HF causal LM.
 
-Split invariance (README, "How token-mean is exact"; tests/test_dist_token_mean.py): every
+Split invariance (README, "How token-mean is exact"; tests/module/exp_manager/test_dist_token_mean.py): every
 micro-batch's loss is aggregated with the GLOBAL valid-token / valid-row counts of its mini-batch
 (summed over the rank's pieces and all-reduced once), and multiplied by world_size because FSDP
 averages gradients over ranks. The accumulated gradient is then exactly the

@@ -4,7 +4,7 @@
     SCHEMA["x.engine_kwargs"] = Dict(Num())               # a free-form mapping is one key too
     RULES = (mini_batch_divides_rows, ...)                # checks that relate several keys
 
-Adding a key = its line (default + comment) in config/base.yaml and its line here; tests/test_config_schema.py
+Adding a key = its line (default + comment) in config/base.yaml and its line here; tests/module/trainer/test_config_schema.py
 fails while either is missing. Valid-name sets are not listed here: each `OneOf` reads the registry or
 tuple of the module that owns the choice (a registry filled at import is read when the check runs).
 A failed check is ONE line: `<key>=<value> is invalid: must be <what is valid>` (`ConfigError`).
