@@ -28,7 +28,8 @@ def minimal_loss(old: torch.Tensor, logp: torch.Tensor, adv: torch.Tensor, mask:
 
 
 def ours_loss(old: torch.Tensor, logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return dapo_compute_policy_loss(old, logp, adv, mask, loss_agg_mode="token-mean")["pg_loss"]
+    return dapo_compute_policy_loss(old, logp, adv, mask, cliprange_low=0.2, cliprange_high=0.28, clip_ratio_c=3.0,
+                                    loss_agg_mode="token-mean")["pg_loss"]
 
 
 def median_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:

@@ -128,3 +128,15 @@ def random_partition(B: int, rng: random.Random) -> list[list[int]]:
     rng.shuffle(rows)
     cuts = sorted(rng.sample(range(1, B), rng.randint(1, B - 1)))
     return [rows[a:b] for a, b in zip([0] + cuts, cuts + [B])]
+
+
+def base_actor_config() -> object:
+    """actor_rollout_ref.actor of config/base.yaml (the defaults the pure loss functions no longer carry)."""
+    return OmegaConf.load(BASE_YAML).actor_rollout_ref.actor
+
+
+def dapo_clip_kwargs() -> dict[str, float]:
+    """base.yaml's clip ratios as dapo_compute_policy_loss keywords."""
+    actor = base_actor_config()
+    return {"cliprange_low": actor.clip_ratio_low, "cliprange_high": actor.clip_ratio_high,
+            "clip_ratio_c": actor.clip_ratio_c}

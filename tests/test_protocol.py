@@ -112,7 +112,7 @@ def test_trainer_advantage_stage_requires_its_inputs_and_dispatches_by_registry(
 
     from omegaconf import OmegaConf
 
-    from agentevolver.module.exp_manager import het_core_algos as algos
+    from agentevolver.module.exp_manager import advantages as algos
     from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
 
     tensors, ids = rollout_parts(4)

@@ -28,13 +28,8 @@ from typing import Any
 import torch
 
 from agentevolver.module.exp_manager.chunked_logprob import logprob_head
-from agentevolver.module.exp_manager.het_core_algos import (
-    PolicyLossParams,
-    agg_loss,
-    count_tokens_and_seqs,
-    get_policy_loss_fn,
-    kl_penalty,
-)
+from agentevolver.module.exp_manager.het_core_algos import agg_loss, count_tokens_and_seqs, kl_penalty
+from agentevolver.module.exp_manager.policy_losses import PolicyLossParams, get_policy_loss_fn
 from agentevolver.protocol import Batch, with_model_inputs
 from agentevolver.utils.dist import all_reduce, world
 from agentevolver.utils.seqlen_balancing import min_micro_batches, token_budget_micro_batches
@@ -287,10 +282,7 @@ def _ppo_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor
     n_tok = mask.sum().item()
     ent_sum = _entropy_sum(ent, mask)
     mode, scale, pl = config.loss_agg_mode, config.loss_scale_factor, config.policy_loss
-    params = PolicyLossParams(
-        clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high, clip_ratio_c=config.clip_ratio_c,
-        off_cliprange_high=config.off_cliprange_high, clip_cov_ratio=pl.clip_cov_ratio, clip_cov_lb=pl.clip_cov_lb,
-        clip_cov_ub=pl.clip_cov_ub, kl_cov_ratio=pl.kl_cov_ratio, ppo_kl_coef=pl.ppo_kl_coef)
+    params = PolicyLossParams.from_actor_config(config)
     weights = mb.get("rollout_is_weights")
     out = get_policy_loss_fn(pl.loss_mode)(
         mb["old_log_probs"].float(), logp, mb["advantages"].float(), mask, params, exp_mask=mb.get("exp_mask"),

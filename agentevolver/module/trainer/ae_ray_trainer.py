@@ -36,6 +36,7 @@ from agentevolver.alfworld.data import (
 )
 from agentevolver.alfworld.pool import EnvPool
 from agentevolver.module.agent_flow.llm_policy import LLMPolicy
+from agentevolver.module.exp_manager import advantages as estimators
 from agentevolver.module.exp_manager import het_core_algos as algos
 from agentevolver.module.exp_manager import rollout_corr
 from agentevolver.module.exp_manager.experience import SummaryContext
@@ -319,14 +320,14 @@ class RayTrainer:
     def _compute_advantage(self, batch: Batch, metrics: dict) -> Batch:
         """The estimator registry is the only dispatch on algorithm.adv_estimator; it says what it reads."""
         cfg = self.cfg.algorithm
-        estimator = algos.get_adv_estimator(cfg.adv_estimator)
+        estimator = estimators.get_adv_estimator(cfg.adv_estimator)
         batch.require(*estimator.inputs)
         if cfg.use_kl_in_reward:  # trajectory mode only (config_check): a per-token reward term
             batch.require("old_log_probs", "ref_log_prob")
             kl = algos.kl_penalty(batch["old_log_probs"], batch["ref_log_prob"], cfg.kl_penalty)
             rewards = batch["token_level_rewards"] - cfg.kl_ctrl.kl_coef * kl * batch["response_mask"]
             batch = Batch(batch.tensors | {"token_level_rewards": rewards}, batch.ids, batch.meta)
-        adv, adv_metrics = algos.compute_advantage(cfg.adv_estimator, batch, cfg,
+        adv, adv_metrics = estimators.compute_advantage(cfg.adv_estimator, batch, cfg,
                                                    step_mode=self.cfg.env.rollout_mode == "step")
         metrics |= adv_metrics
         return Batch(batch.tensors | {"advantages": adv}, batch.ids, batch.meta)

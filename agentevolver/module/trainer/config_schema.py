@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from agentevolver.alfworld.agent import ACTION_PROJECTIONS
 from agentevolver.alfworld.data import TASK_TYPES
 from agentevolver.module.agent_flow.llm_policy import ROLLOUT_MODES
+from agentevolver.module.exp_manager.advantages import ADV_ESTIMATORS, GIGPO_MODES
 from agentevolver.module.exp_manager.experience import (
     EXPERIENCE_FIELD,
     ROLLOUT_EXPMODES,
@@ -27,15 +28,13 @@ from agentevolver.module.exp_manager.experience import (
     SUMMARIZERS,
 )
 from agentevolver.module.exp_manager.het_core_algos import (
-    ADV_ESTIMATORS,
     AGG_LOSS_MODES,
     DYNAMIC_SAMPLING_METRICS,
     DYNAMIC_SAMPLING_MODES,
-    GIGPO_MODES,
     KL_PENALTIES,
-    POLICY_LOSS_MODES,
     REWARD_SHAPING_MODES,
 )
+from agentevolver.module.exp_manager.policy_losses import POLICY_LOSS_MODES
 from agentevolver.module.exp_manager.replay import REPLAY_MATCH
 from agentevolver.module.exp_manager.rollout_corr import ROLLOUT_IS_LEVELS, ROLLOUT_RS_LEVELS
 from agentevolver.module.trainer.checkpoint_manager import RESUME_MODES

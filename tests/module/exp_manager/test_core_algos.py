@@ -6,31 +6,35 @@ import numpy as np
 import pytest
 import torch
 
-from agentevolver.module.exp_manager.het_core_algos import (
+from agentevolver.module.exp_manager.advantages import (
     ADV_ESTIMATORS,
-    AGG_LOSS_MODES,
-    DYNAMIC_SAMPLING_MODES,
-    REWARD_SHAPING_MODES,
-    agg_loss,
-    apply_reward_shaping,
     compute_advantage,
     compute_episode_advantage,
     compute_gigpo_advantage,
     compute_grpo_outcome_advantage,
     compute_rloo_outcome_advantage,
+    get_adv_estimator,
+)
+from agentevolver.module.exp_manager.het_core_algos import (
+    AGG_LOSS_MODES,
+    DYNAMIC_SAMPLING_MODES,
+    REWARD_SHAPING_MODES,
+    agg_loss,
+    apply_reward_shaping,
     count_tokens_and_seqs,
     dapo_compute_policy_loss,
     entropy_from_logits,
     filter_groups,
-    get_adv_estimator,
     kl_penalty,
     masked_mean,
     masked_whiten,
     overlong_penalty,
 )
-from tests.helpers import lengths_mask, random_partition
+from tests.helpers import dapo_clip_kwargs, lengths_mask, random_partition
 
 TOL = {"rtol": 0, "atol": 1e-6}
+
+DAPO = dapo_clip_kwargs() | {"loss_agg_mode": "token-mean"}  # base.yaml's loss knobs
 
 
 SEED_LOSSES = torch.tensor([[.1, .2, .3, 0, 0], [.4, .5, 0, 0, 0], [.6, .7, .8, .9, 1.0]], dtype=torch.float64)
@@ -165,7 +169,8 @@ def test_clip_higher_and_dual_clip_boundaries():
     ]
     old, logp, adv = loss_inputs([c[0] for c in cases], [c[1] for c in cases])
     mask = torch.ones_like(adv)
-    out = dapo_compute_policy_loss(old, logp, adv, mask, cliprange_low=0.2, cliprange_high=0.28, clip_ratio_c=3.0)
+    out = dapo_compute_policy_loss(old, logp, adv, mask, cliprange_low=0.2, cliprange_high=0.28, clip_ratio_c=3.0,
+                                   loss_agg_mode="token-mean")
     torch.testing.assert_close(out["pg_losses"][0], torch.tensor([c[2] for c in cases], dtype=torch.float64), **TOL)
     out["pg_loss"].backward()
     n = len(cases)
@@ -183,15 +188,15 @@ def test_metrics_use_response_mask_and_ppo_kl():
     logp = torch.tensor([[-0.5, -2.5, -0.5, 5.0]], dtype=torch.float64)  # ratios e^.5, e^-.5, 1, (masked)
     adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0]])
-    out = dapo_compute_policy_loss(old, logp, adv, mask)
+    out = dapo_compute_policy_loss(old, logp, adv, mask, **DAPO)
     assert out["ppo_kl"].item() == pytest.approx((-0.5 + 0.5 + 0.0) / 3, abs=1e-6)
     assert out["pg_clipfrac"].item() == pytest.approx(2 / 3, abs=1e-6)  # e^.5 > 1.28 (A>0), e^-.5 < .8 (A<0)
     assert out["pg_clipfrac_lower"].item() == 0.0
     assert out["pg_loss"].item() == pytest.approx((-1.28 + 0.8 - 1.0) / 3, abs=1e-6)
-    empty = dapo_compute_policy_loss(old, logp, adv, torch.zeros_like(mask))
+    empty = dapo_compute_policy_loss(old, logp, adv, torch.zeros_like(mask), **DAPO)
     assert all(empty[k].item() == 0.0 for k in ("pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"))
     with pytest.raises(ValueError, match="clip_ratio_c"):
-        dapo_compute_policy_loss(old, logp, adv, mask, clip_ratio_c=1.0)
+        dapo_compute_policy_loss(old, logp, adv, mask, **(DAPO | {"clip_ratio_c": 1.0}))
 
 
 def random_policy_batch(seed, B=5, T=12):
@@ -206,7 +211,7 @@ def random_policy_batch(seed, B=5, T=12):
 
 def run_loss(old, logp, adv, mask, **kw):
     leaf = logp.clone().requires_grad_(True)
-    out = dapo_compute_policy_loss(old, leaf, adv, mask, **kw)
+    out = dapo_compute_policy_loss(old, leaf, adv, mask, **(DAPO | kw))
     out["pg_loss"].backward()
     return out, leaf.grad
 
@@ -285,7 +290,7 @@ def test_grpo_known_example():
     adv_raw, _ = compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=False)
     raw = [1 - 5 / 3, 0.0, 0 - 5 / 3, 0.0, 4 - 5 / 3, 0.0]  # b: equal rewards, c: singleton -> 0
     torch.testing.assert_close(adv_raw, torch.tensor(raw)[:, None] * mask, **TOL)
-    rloo, _ = compute_rloo_outcome_advantage(rewards, mask, index)
+    rloo, _ = compute_rloo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=True)
     torch.testing.assert_close(rloo[:, 0] * (mask[:, 0] > 0), torch.tensor([1 - 2.0, 0, 0 - 2.5, 0, 4 - 0.5, 0]), **TOL)
 
 
@@ -299,7 +304,8 @@ def test_episode_advantage_counts_each_episode_once():
     a = (1 - 0.5) / (math.sqrt(0.5) + 1e-6)  # unbiased std of {1, 0}: per episode, not per row
     torch.testing.assert_close(adv, torch.tensor([a, -a, -a, -a, 0.0])[:, None] * mask, **TOL)
     # row-level GRPO would weigh e2 three times: mean 0.25 instead of 0.5
-    row_adv, _ = compute_grpo_outcome_advantage(torch.tensor(scores)[:, None], torch.ones(5, 1), ["g"] * 4 + ["h"])
+    row_adv, _ = compute_grpo_outcome_advantage(torch.tensor(scores)[:, None], torch.ones(5, 1), ["g"] * 4 + ["h"],
+                                                 norm_adv_by_std_in_grpo=True)
     assert abs(row_adv[0, 0].item() - a) > 0.1
 
 
@@ -337,14 +343,14 @@ def test_grpo_degenerate_groups_are_exactly_zero():
     rewards, mask = outcome_rewards([0.0] * 4 + [0.1] * 3, dtype=torch.float64)
     index = [7, 7, 7, 7, "x", "x", "x"]
     for fn in (compute_grpo_outcome_advantage, compute_rloo_outcome_advantage):
-        adv, _ = fn(rewards, mask, index)
+        adv, _ = fn(rewards, mask, index, norm_adv_by_std_in_grpo=True)
         assert torch.equal(adv, torch.zeros_like(adv)), fn
-    adv, _ = compute_grpo_outcome_advantage(*outcome_rewards([2.0]), ["solo"])
+    adv, _ = compute_grpo_outcome_advantage(*outcome_rewards([2.0]), ["solo"], norm_adv_by_std_in_grpo=True)
     assert torch.equal(adv, torch.zeros(1, 4))
     with pytest.raises(ValueError, match="valid: grpo, rloo, gigpo"):
         get_adv_estimator("gae-ish")
     with pytest.raises(ValueError, match="index"):
-        compute_grpo_outcome_advantage(rewards, mask, [1, 2])
+        compute_grpo_outcome_advantage(rewards, mask, [1, 2], norm_adv_by_std_in_grpo=True)
 
 
 # ----------------------------------------------------------------------------- estimator registry

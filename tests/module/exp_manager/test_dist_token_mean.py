@@ -9,6 +9,7 @@ the whole batch's token selection handed to each piece: see het_core_algos.compu
 """
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,15 +18,18 @@ import torch.multiprocessing as mp
 
 from agentevolver.module.exp_manager.het_core_algos import (
     AGG_LOSS_MODES,
+    count_tokens_and_seqs,
+    dapo_compute_policy_loss,
+)
+from agentevolver.module.exp_manager.policy_losses import (
     POLICY_LOSS_MODES,
     PolicyLossParams,
     clip_cov_select,
-    count_tokens_and_seqs,
-    dapo_compute_policy_loss,
     get_policy_loss_fn,
     kl_cov_select,
 )
 from agentevolver.utils.seqlen_balancing import min_micro_batches, token_budget_micro_batches
+from tests.helpers import base_actor_config, dapo_clip_kwargs
 
 WORLD = 2
 VOCAB, HIDDEN, B, T = 13, 8, 7, 10
@@ -61,7 +65,9 @@ def make_setup():
     return model, tokens, old, adv, mask
 
 
-PARAMS = PolicyLossParams(clip_cov_ratio=0.2, clip_cov_lb=-1.0, clip_cov_ub=5.0, kl_cov_ratio=0.2)
+CLIP = dapo_clip_kwargs()
+PARAMS = replace(PolicyLossParams.from_actor_config(base_actor_config()), clip_cov_ratio=0.2, clip_cov_lb=-1.0,
+                 clip_cov_ub=5.0, kl_cov_ratio=0.2)
 
 
 def whole_batch_selection(loss_mode: str) -> dict[str, torch.Tensor]:
@@ -107,7 +113,7 @@ def flat_grad(model: torch.nn.Module) -> torch.Tensor:
 
 def full_batch_grad(mode: str) -> torch.Tensor:
     model, tokens, old, adv, mask = make_setup()
-    dapo_compute_policy_loss(old, model(tokens), adv, mask, loss_agg_mode=mode)["pg_loss"].backward()
+    dapo_compute_policy_loss(old, model(tokens), adv, mask, loss_agg_mode=mode, **CLIP)["pg_loss"].backward()
     return flat_grad(model)
 
 
@@ -131,9 +137,9 @@ def data_parallel_grad(mode: str, rank: int, naive: bool, micro: list[list[int]]
     for rows in micro:
         args = (old[rows], model(tokens[rows]), adv[rows], mask[rows])
         if naive:  # the seed source: normalise per micro-batch, average over micro-batches
-            loss = dapo_compute_policy_loss(*args, loss_agg_mode=mode)["pg_loss"] / len(micro)
+            loss = dapo_compute_policy_loss(*args, loss_agg_mode=mode, **CLIP)["pg_loss"] / len(micro)
         else:  # share of the global loss; x world because the gradient all-reduce averages
-            loss = dapo_compute_policy_loss(*args, loss_agg_mode=mode, global_tokens=counts[0],
+            loss = dapo_compute_policy_loss(*args, loss_agg_mode=mode, **CLIP, global_tokens=counts[0],
                                             global_seqs=counts[1])["pg_loss"] * WORLD
         loss.backward()
     for p in model.parameters():  # what FSDP / DDP do: average gradients over ranks

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from agentevolver.module.exp_manager.het_core_algos import (
-    AGG_LOSS_MODES,
+from agentevolver.module.exp_manager.het_core_algos import AGG_LOSS_MODES, count_tokens_and_seqs
+from agentevolver.module.exp_manager.policy_losses import (
     POLICY_LOSS_MODES,
     PolicyLossParams,
     clip_cov_select,
-    count_tokens_and_seqs,
     get_policy_loss_fn,
     kl_cov_select,
 )
@@ -22,7 +21,7 @@ from tests.helpers import REPO, lengths_mask, random_partition
 
 TOL = {"rtol": 0, "atol": 1e-6}
 # cov bounds wide enough that the random batches below have candidates; ratios large enough that k > 1
-PARAMS = PolicyLossParams(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, clip_cov_ratio=0.2,
+PARAMS = PolicyLossParams(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, off_cliprange_high=None, clip_cov_ratio=0.2,
                           clip_cov_lb=-0.5, clip_cov_ub=5.0, kl_cov_ratio=0.15, ppo_kl_coef=0.7)
 
 

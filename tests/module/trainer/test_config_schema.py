@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agentevolver.main_ppo import CONFIG_DIR, validated
-from agentevolver.module.exp_manager import het_core_algos
+from agentevolver.module.exp_manager import advantages, het_core_algos
 from agentevolver.module.trainer import checkpoint_manager, tracking
 from agentevolver.module.trainer.config_check import ConfigError, check_values
 from agentevolver.module.trainer.config_schema import (
@@ -78,7 +78,7 @@ def test_valid_names_are_the_owners_objects():
         "algorithm.dapo.dynamic_sampling.metric": het_core_algos.DYNAMIC_SAMPLING_METRICS,
         "actor_rollout_ref.ref.enable": fsdp_worker.REF_ENABLE,
         "actor_rollout_ref.actor.optim.lr_scheduler_type": fsdp_worker.LR_SCHEDULERS,
-        "algorithm.adv_estimator": het_core_algos.ADV_ESTIMATORS,  # the estimator registry itself
+        "algorithm.adv_estimator": advantages.ADV_ESTIMATORS,  # the estimator registry itself
     }
     from agentevolver.sft import TEACHERS
 

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from agentevolver.main_ppo import CONFIG_DIR
-from agentevolver.module.exp_manager.het_core_algos import compute_grpo_outcome_advantage
+from agentevolver.module.exp_manager.advantages import compute_grpo_outcome_advantage
 from agentevolver.protocol import Batch
 from agentevolver.workers.rollout.base import SamplingParams
 
@@ -70,7 +70,7 @@ def test_dapo_drives_bandit_to_success(tiny_model_dir, tmp_path):
             batch = make_batch(prompt, outs, rewards, step)
             batch = batch.union(group.compute_log_prob(batch))
             adv, _ = compute_grpo_outcome_advantage(batch["token_level_rewards"], batch["response_mask"],
-                                                    batch.ids["uid"])
+                                                    batch.ids["uid"], norm_adv_by_std_in_grpo=True)
             batch = Batch(batch.tensors | {"advantages": adv}, batch.ids, batch.meta)
             metrics = group.update_actor(batch)
             assert np.isfinite(metrics["actor/pg_loss"])
