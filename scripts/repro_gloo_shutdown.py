@@ -46,7 +46,8 @@ def main() -> None:
         try:
             mp.spawn(_target, args=(2, free_port(), cfg, args.update), nprocs=2, join=True)
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
-            failures.append(f"run {i}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]  # the child's traceback: keep its last line
+            failures.append(f"run {i}: {type(e).__name__}: {lines[-1] if lines else ''}")
             print(failures[-1], flush=True)
     print(f"{args.runs} runs, {len(failures)} abnormal exits, {time.time() - t0:.0f} s", flush=True)
 
