@@ -26,7 +26,7 @@ def test_gpu_smoke_tiny_on_cpu() -> None:
     assert len(out["rounds"]) == 2
     assert set(out["phase_time_s"]) == PHASES and all(v > 0 for v in out["phase_time_s"].values())
     assert set(out["peak_mem_gib"]) == PHASES and all(v is None for v in out["peak_mem_gib"].values())  # CPU
-    assert out["step_time_s"] >= sum(out["phase_time_s"].values())
+    assert out["step_time_s"] >= sum(out["phase_time_s"].values()) - 0.002  # each value rounded to 1 ms
     assert out["gen_tokens_per_s"] > 0 and out["rounds"][1]["gen_tokens"] == 4 * 8
     # the hf engine and the FSDP actor compute the same fp32 log-probs on CPU
     assert 0 <= out["probs_diff_mean"] < 1e-6 and out["log_probs_diff_mean"] < 1e-5

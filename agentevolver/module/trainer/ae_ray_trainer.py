@@ -13,9 +13,7 @@ import json
 import os
 import pickle
 import random
-import signal
 import sys
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +40,7 @@ from agentevolver.module.exp_manager import rollout_corr
 from agentevolver.module.exp_manager.experience import SummaryContext
 from agentevolver.module.exp_manager.manager import ExperienceManager, walkthrough_record
 from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
+from agentevolver.module.trainer.interrupts import SigintAtSafePoints, sigint_deferred
 from agentevolver.module.trainer.task_source import GeneratedTaskSource
 from agentevolver.module.trainer.tracking import Tracking
 from agentevolver.protocol import Batch
@@ -59,22 +58,6 @@ def timer(name: str, timings: dict[str, float]):
     t0 = time.perf_counter()
     yield
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def sigint_deferred():
-    """A SIGINT inside the block is held until the block ends, then raised as KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
 class RayTrainer:
@@ -126,41 +109,44 @@ class RayTrainer:
         self._init_experience_before_training()
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True)
         first_step, first_empty = self.global_step, self.empty_steps
-        while self.global_step < self.total_steps:
-            timings = {"ref": 0.0}  # logged every step; stays 0 when no reference policy is configured
-            metrics: dict = {}
-            with timer("step", timings):
-                batch, gen_metrics = self._generate_train_batch(timings)
-                metrics |= gen_metrics
-                if len(batch):
-                    with timer("old_log_prob", timings):
-                        batch = self._compute_old_log_prob(batch, metrics)
-                    if self.use_ref:
-                        with timer("ref", timings):
-                            batch = batch.union(self.workers.compute_ref_log_prob(batch))
-                    with timer("adv", timings):
-                        batch = self._compute_advantage(batch, metrics)
-                    with timer("update_actor", timings):
-                        metrics |= self.workers.update_actor(batch, progress=self.global_step / self.total_steps)
-                    with timer("sync_weights", timings):
-                        self.workers.sync_weights()
-                else:
-                    self._warn_empty_step(metrics)
-                metrics["dynamic_sampling/empty_step"] = float(not len(batch))
-                metrics["dynamic_sampling/empty_steps"] = self.empty_steps
-                self.global_step += 1
-                is_last = self.global_step >= self.total_steps
-                if cfg.test_freq > 0 and (self.global_step % cfg.test_freq == 0 or is_last):
-                    with timer("testing", timings):
-                        metrics |= self._validate()
-                if cfg.save_freq > 0 and (self.global_step % cfg.save_freq == 0 or is_last):
-                    with timer("save_checkpoint", timings):
-                        self._save_checkpoint()
-            metrics |= self._timing_metrics(timings, metrics.get("perf/generated_tokens", 0))
-            self.tracker.log(metrics, step=self.global_step)
-            bar.update(1)
-            bar.set_postfix(success=f"{metrics.get('train/success_rate', float('nan')):.2f}")
-            last = metrics
+        with SigintAtSafePoints() as sigint:  # Ctrl-C stops at the next phase boundary, before the save
+            while self.global_step < self.total_steps:
+                timings = {"ref": 0.0}  # logged every step; stays 0 when no reference policy is configured
+                metrics: dict = {}
+                with timer("step", timings):
+                    batch, gen_metrics = self._generate_train_batch(timings)
+                    sigint.check()
+                    metrics |= gen_metrics
+                    if len(batch):
+                        with timer("old_log_prob", timings):
+                            batch = self._compute_old_log_prob(batch, metrics)
+                        if self.use_ref:
+                            with timer("ref", timings):
+                                batch = batch.union(self.workers.compute_ref_log_prob(batch))
+                        with timer("adv", timings):
+                            batch = self._compute_advantage(batch, metrics)
+                        with timer("update_actor", timings):
+                            metrics |= self.workers.update_actor(batch, progress=self.global_step / self.total_steps)
+                        with timer("sync_weights", timings):
+                            self.workers.sync_weights()
+                        sigint.check()
+                    else:
+                        self._warn_empty_step(metrics)
+                    metrics["dynamic_sampling/empty_step"] = float(not len(batch))
+                    metrics["dynamic_sampling/empty_steps"] = self.empty_steps
+                    self.global_step += 1
+                    is_last = self.global_step >= self.total_steps
+                    if cfg.test_freq > 0 and (self.global_step % cfg.test_freq == 0 or is_last):
+                        with timer("testing", timings):
+                            metrics |= self._validate()
+                    if cfg.save_freq > 0 and (self.global_step % cfg.save_freq == 0 or is_last):
+                        with timer("save_checkpoint", timings):
+                            self._save_checkpoint()
+                metrics |= self._timing_metrics(timings, metrics.get("perf/generated_tokens", 0))
+                self.tracker.log(metrics, step=self.global_step)
+                bar.update(1)
+                bar.set_postfix(success=f"{metrics.get('train/success_rate', float('nan')):.2f}")
+                last = metrics
         bar.close()
         self._warn_empty_run(self.global_step - first_step, self.empty_steps - first_empty)
         if self.cfg.trainer.export_hf:
