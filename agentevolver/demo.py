@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shared = Path(args.warm_start).resolve() if args.warm_start else out
     if args.warm_start and not (shared / "sft" / "hf_actor" / "config.json").is_file():
-        print(f"--warm-start {shared}: no sft/hf_actor/config.json there (run the demo into it first)", file=sys.stderr)
+        print(f"error: --warm-start {shared}: no sft/hf_actor/config.json there (run the demo into it first)", file=sys.stderr)
         return 2
     data = shared / "data"
     t0 = time.time()
