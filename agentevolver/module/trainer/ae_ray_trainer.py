@@ -111,6 +111,7 @@ class RayTrainer:
         first_step, first_empty = self.global_step, self.empty_steps
         with SigintAtSafePoints() as sigint:  # Ctrl-C stops at the next phase boundary, before the save
             while self.global_step < self.total_steps:
+                sigint.check()  # a Ctrl-C during the last step's validation / save: stop before the next rollout
                 timings = {"ref": 0.0}  # logged every step; stays 0 when no reference policy is configured
                 metrics: dict = {}
                 with timer("step", timings):
