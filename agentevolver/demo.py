@@ -67,6 +67,10 @@ PRESETS["guided"] = PRESETS["curriculum"] + ["exp_manager.train_rollout_expmode=
                                              "actor_rollout_ref.actor.off_cliprange_high=0.4"]
 # fresh games never repeat, so a success of the same task TYPE stands in for a failed rollout
 PRESETS["replay"] = PRESETS["guided"] + ["exp_manager.replay.enable=true", "exp_manager.replay.match=task_type"]
+# off-policy guidance on fresh games (a branch from `fresh`, not from `replay`): a group with at most one
+# win of 4 gets the explore teacher's episode of that very game in place of a failure
+PRESETS["teacher"] = PRESETS["fresh"] + ["exp_manager.replay.enable=true", "exp_manager.replay.teacher=explore",
+                                         "actor_rollout_ref.actor.off_cliprange_high=0.4"]
 BOOTSTRAP_RESAMPLES = 10_000
 
 
@@ -82,13 +86,10 @@ def paired_bootstrap(before: list[float], after: list[float], seed: int = 0) -> 
 
 
 def _problems(folder: Path) -> set[str]:
-    """PDDL problems of every game below folder, without their (trial) name: equal text = the same game."""
-    import re
+    """problem_key of every game below folder."""
+    from agentevolver.alfworld.data import GAME_FILE, problem_keys
 
-    out = set()
-    for f in folder.rglob("game.tw-pddl"):
-        out.add(re.sub(r"\(problem [^)]*\)", "", json.loads(f.read_text())["pddl_problem"]))
-    return out
+    return problem_keys(folder.rglob(GAME_FILE))
 
 
 def heldout_overlap(data: Path, dapo_dir: Path) -> int:
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-freq", type=int, default=10, help="held-out evaluations (120 games each) every N steps")
     ap.add_argument("--preset", choices=list(PRESETS), default="fixed",
                     help="ablation row: fixed games | + fresh generated tasks | + curriculum | + experience-guided "
-                         "rollouts | + replay of successes (each adds to the one before)")
+                         "rollouts | + replay of successes (each adds to the one before) | teacher: fresh + the "
+                         "teacher's episode of the same game replayed into failing groups")
     ap.add_argument("--warm-start", default=None, metavar="DEMO_OUT",
                     help="reuse another demo's games and warm start (its data/ and sft/hf_actor): the ablation rows "
                          "then start from the same model")

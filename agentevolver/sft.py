@@ -33,9 +33,9 @@ TEACHERS: dict[str, Callable[[DictConfig], int]] = {
 }
 
 
-def make_teacher(cfg: DictConfig) -> Callable:
-    """view -> response text: the planner walkthrough, after TEACHERS[sft.teacher] detours at most."""
-    expert = WalkthroughPolicy(seed=cfg.trainer.seed, max_detours=TEACHERS[cfg.sft.teacher](cfg))
+def make_teacher(cfg: DictConfig, name: str | None = None) -> Callable:
+    """view -> response text: the planner walkthrough, after TEACHERS[name or sft.teacher] detours at most."""
+    expert = WalkthroughPolicy(seed=cfg.trainer.seed, max_detours=TEACHERS[name or cfg.sft.teacher](cfg))
     return lambda view: f"<action>{expert.action(view)}</action>"
 
 

@@ -54,6 +54,23 @@ class GameSpec:
         return os.path.join(self.game_dir, GAME_FILE)
 
 
+_PROBLEM_NAME = re.compile(r"\(problem [^)]*\)")
+
+
+def problem_key(pddl_problem: str) -> str:
+    """A game's PDDL problem without its (trial) name: equal keys = the same game under another name."""
+    return _PROBLEM_NAME.sub("", pddl_problem)
+
+
+def problem_keys(games: Iterable[str | os.PathLike]) -> set[str]:
+    """problem_key of each game (a folder or its game.tw-pddl)."""
+    out = set()
+    for g in games:
+        with open(game_file_of(g)) as f:
+            out.add(problem_key(json.load(f)["pddl_problem"]))
+    return out
+
+
 def game_file_of(game: str | os.PathLike) -> str:
     """Accept a game folder or its game.tw-pddl path."""
     path = Path(game)

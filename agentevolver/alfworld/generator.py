@@ -32,6 +32,7 @@ from agentevolver.alfworld.data import (
     TASK_TYPES,
     TRAJ_FILE,
     count_by_task_type,
+    problem_key,
     read_task_type,
 )
 from agentevolver.alfworld.gen_scenes import Scene, sample_scene, scene_to_pddl, task_sentences
@@ -201,11 +202,13 @@ def generate_games(
 
 def generate_game(split_dir: Path, seed: int, index: int, task_type: str, split: str, min_receptacles: int,
                   max_receptacles: int, num_distractors: tuple[int, int], closed_fraction: float,
-                  staging: Path, domain: str | None = None, grammar: str | None = None) -> Path:
+                  staging: Path, domain: str | None = None, grammar: str | None = None,
+                  exclude: frozenset[str] = frozenset()) -> Path:
     """Game `index` of the stream `seed` with these knobs, verified and moved to split_dir; its folder.
 
-    Depends only on (seed, index, task_type, knobs), so a background generator and `generate_games`
-    write the same bytes for the same arguments. `staging` must be a folder outside split_dir.
+    Depends only on (seed, index, task_type, knobs, exclude), so a background generator and
+    `generate_games` write the same bytes for the same arguments. `staging` must be a folder outside
+    split_dir. A draw whose `problem_key` is in `exclude` (e.g. a held-out game's) is redrawn.
     """
     if domain is None or grammar is None:
         domain, grammar = _wheel_logic()
@@ -218,6 +221,9 @@ def generate_game(split_dir: Path, seed: int, index: int, task_type: str, split:
         scene = sample_scene(rng, task_type, split, min_receptacles, max_receptacles,
                              tuple(num_distractors), closed_fraction)
         game, traj, problem = _game_files(scene, trial, seed, index, domain, grammar, rng)
+        if exclude and problem_key(problem) in exclude:
+            errors.append(f"attempt {attempt}: an excluded (held-out) problem")
+            continue
         # Plan on the task objects only (distractors make pick_two searches 10-100x slower);
         # the replay below checks the plan on the full game.
         plan = planner.plan(dict(game, pddl_problem=scene_to_pddl(scene.task_only(), trial)))

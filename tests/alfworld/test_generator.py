@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from alfworld.gen import constants as C
 
-from agentevolver.alfworld.data import TASK_TYPES
+from agentevolver.alfworld.data import TASK_TYPES, problem_key, problem_keys
 from agentevolver.alfworld.gen_scenes import APPLIANCE, FIT, sample_scene, scene_to_pddl
-from agentevolver.alfworld.generator import GenerationError, generate_games, main
+from agentevolver.alfworld.generator import GenerationError, generate_game, generate_games, main
 from tests.helpers import run_module
 
 N_GAMES = 60
@@ -143,6 +143,19 @@ def test_same_seed_same_bytes_cli_and_api(tmp_path):
         return {v.decode().split(":domain", 1)[1] for k, v in files.items() if k.endswith(".pddl")}
 
     assert len(bodies(a)) == 6 and not bodies(a) & bodies(c)
+
+
+def test_excluded_problems_are_redrawn(tmp_path):
+    """A held-out game's problem is never made again: the draw that would repeat it is redrawn, and the
+    result depends only on the arguments (a resume makes the same game)."""
+    args = ("pick_and_place_simple", "train", 3, 3, (0, 0), 0.0)
+    first = generate_game(tmp_path / "a", 5, 0, *args, tmp_path / "s1")
+    held_out = problem_keys([first])
+    assert held_out == {problem_key(_problem(first))}
+    again = [generate_game(tmp_path / d, 5, 0, *args, tmp_path / f"s{d}", exclude=frozenset(held_out)) for d in "bc"]
+    assert problem_key(_problem(again[0])) not in held_out
+    assert _files(again[0]) == _files(again[1])
+    assert json.loads((again[0] / "traj_data.json").read_text())["generator"]["attempt"] >= 1
 
 
 def test_knobs_are_respected(tmp_path):

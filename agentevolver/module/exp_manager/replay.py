@@ -8,7 +8,10 @@ from an older policy: the HET loss clips them with off_cliprange_high). The acto
 log-probs like any row's, so the importance ratio is against the current policy.
 
 Storage: per task the newest `max_per_task` successful episodes (all their rows), at most `max_tasks`
-tasks (least recently stored evicted). Only rollouts of the current policy are stored, never replays.
+tasks (least recently stored evicted). Rollouts of the current policy are stored, never replays; with
+`teacher` set, a low-success group whose task has nothing stored gets the teacher's episode of that very
+game (the planner walkthrough played through the policy's own prompts, as the SFT warm start collects
+it) stored first: off-policy guidance for a stream of fresh games, whose own successes never recur.
 """
 from __future__ import annotations
 
@@ -56,20 +59,32 @@ class SuccessReplay:
             self.store.popitem(last=False)
         return stored
 
+    def _low_groups(self, batch: Batch, success_threshold: float):
+        """(uid, task key, won per episode, episode ids) of each group below the success threshold."""
+        last = batch.ids["is_last"].astype(bool)
+        for uid in dict.fromkeys(batch.ids["uid"].tolist()):
+            in_group = (batch.ids["uid"] == uid) & last
+            won = batch.ids["won"][in_group].astype(bool)
+            if won.mean() < success_threshold:
+                yield uid, str(batch.ids[self.match][in_group][0]), won, batch.ids["episode_id"][in_group]
+
+    def wanting(self, batch: Batch, success_threshold: float) -> list[str]:
+        """task_id of each low-success group that has no stored success to replay (yet)."""
+        if not len(batch):
+            return []
+        return [str(batch.ids["task_id"][batch.ids["uid"] == uid][0])
+                for uid, tid, _, _ in self._low_groups(batch, success_threshold) if tid not in self.store]
+
     def replace_failures(self, batch: Batch, success_threshold: float, max_per_group: int) -> tuple[Batch, int]:
         """The batch with failed episodes of low-success groups swapped for stored successes; rows replayed."""
         if not len(batch) or max_per_group < 1 or not self.store:
             return batch, 0
-        last = batch.ids["is_last"].astype(bool)
         drop: set[str] = set()
         added: list[Batch] = []
-        for uid in dict.fromkeys(batch.ids["uid"].tolist()):
-            in_group = (batch.ids["uid"] == uid) & last
-            won = batch.ids["won"][in_group].astype(bool)
-            tid = str(batch.ids[self.match][in_group][0])
-            if won.mean() >= success_threshold or tid not in self.store:
+        for uid, tid, won, episode_ids in self._low_groups(batch, success_threshold):
+            if tid not in self.store:
                 continue
-            failed = [str(e) for e, w in zip(batch.ids["episode_id"][in_group], won) if not w]
+            failed = [str(e) for e, w in zip(episode_ids, won) if not w]
             stored = list(reversed(self.store[tid]))  # newest first
             for victim, ep in zip(reversed(failed), stored[:max_per_group]):
                 drop.add(victim)

@@ -14,7 +14,6 @@ import os
 import pickle
 import random
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,12 +36,10 @@ from agentevolver.module.agent_flow.llm_policy import LLMPolicy
 from agentevolver.module.exp_manager import advantages as estimators
 from agentevolver.module.exp_manager import het_core_algos as algos
 from agentevolver.module.exp_manager import rollout_corr
-from agentevolver.module.exp_manager.experience import SummaryContext
-from agentevolver.module.exp_manager.manager import ExperienceManager, walkthrough_record
 from agentevolver.module.trainer.checkpoint_manager import CheckpointManager
 from agentevolver.module.trainer.interrupts import SigintAtSafePoints, sigint_deferred
-from agentevolver.module.trainer.task_source import GeneratedTaskSource
-from agentevolver.module.trainer.tracking import Tracking
+from agentevolver.module.trainer.self_evolving import SelfEvolvingLoop
+from agentevolver.module.trainer.tracking import Tracking, timer
 from agentevolver.protocol import Batch
 from agentevolver.workers.fsdp_worker import ref_enabled
 from agentevolver.workers.rollout.base import SamplingParams
@@ -50,17 +47,9 @@ from agentevolver.workers.worker_group import ActorRolloutRefGroup
 
 TIMED_PHASES = ("gen", "env", "reward", "task_gen", "experience", "old_log_prob", "ref", "adv", "update_actor",
                 "sync_weights", "testing", "save_checkpoint")
-REPLAY_FILE = "experience_replay.pt"  # in a checkpoint's step folder: the stored successful episodes
 
 
-@contextlib.contextmanager
-def timer(name: str, timings: dict[str, float]):
-    t0 = time.perf_counter()
-    yield
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-
-
-class RayTrainer:
+class RayTrainer(SelfEvolvingLoop):
     def __init__(self, cfg: DictConfig, resume: bool = True) -> None:
         """`cfg` must already be validated (`main_ppo.validated`), before anything here starts.
         resume=False never looks at checkpoints (the SFT driver: it does not continue RL runs)."""
@@ -205,7 +194,7 @@ class RayTrainer:
         stats = run_episodes(self.pool, episodes, policy, max_steps=cfg.env.max_steps, timing=timings,
                              projection=cfg.env.action_projection)
         timings["gen"] = timings.get("gen", 0.0) + policy.timing_gen_s
-        if self.exp is not None and not validate:  # what the pool update summarises at the step's end
+        if self.exp is not None and not validate and teacher is None:  # what the pool update summarises
             self._step_records += self.exp.records(episodes, stats, policy.tasks)
         with timer("reward", timings):
             rows = []
@@ -242,19 +231,19 @@ class RayTrainer:
         kept: list[Batch] = []
         generated: list[Batch] = []
         num_groups, gen_batches = 0, 0
-        replay_stats = {"rows": 0}
+        replay_stats = {"rows": 0, "teacher_episodes": 0}
         self._step_records = []
         max_batches = ds.max_num_gen_batches if ds.enable else 1
         while num_groups < cfg.data.train_batch_size and gen_batches < max_batches:
             sampling = SamplingParams.from_rollout_config(roll, n=1, seed=self._seed(self.global_step, gen_batches))
-            batch = self.rollout(self._draw_games(timings), roll.n, sampling, f"s{self.global_step}g{gen_batches}",
-                                 timings)
+            games, tag = self._draw_games(timings), f"s{self.global_step}g{gen_batches}"
+            batch = self.rollout(games, roll.n, sampling, tag, timings)
             gen_batches += 1
             batch.require("finish_reason", "uid", "won" if ds.metric == "acc" else "score")
             generated.append(batch)
             # a crashed env is not the policy's doing: such episodes are counted, never trained on
             batch = batch.select(batch.ids["finish_reason"] != "env_error")
-            batch = self._replay_successes(batch, replay_stats)
+            batch = self._replay_successes(batch, replay_stats, games, tag, timings)
             if ds.enable:
                 signal = batch.ids[algos.DYNAMIC_SAMPLING_METRICS[ds.metric]].astype(np.float32)
                 keep, _ = algos.filter_groups(signal, batch.ids["uid"], ds.mode)
@@ -355,77 +344,6 @@ class RayTrainer:
         self._log_val_games(Batch.concat(batches))
         return {f"val/{k}": v for k, v in metrics.items() if k.startswith("success_rate")}
 
-    # ------------------------------------------------------------------ self-evolving (issue 16)
-    def _init_self_evolving(self) -> None:
-        """Generated tasks (data.task_source) and the experience manager (exp_manager), when configured."""
-        cfg = self.cfg
-        self.task_source = GeneratedTaskSource(cfg, self.out_dir) if cfg.data.task_source == "generated" else None
-        e = cfg.exp_manager
-        uses_pool = e.train_rollout_expmode != "woexp" or e.val_rollout_expmode != "woexp"
-        self.exp = ExperienceManager(cfg) if uses_pool or e.replay.enable else None
-        self._step_records = []
-
-    def _draw_games(self, timings: dict[str, float]) -> list[GameSpec]:
-        if self.task_source is None:
-            return self._next_games()
-        with timer("task_gen", timings):  # only the wait for the background actor: it runs ahead
-            return self.task_source.next_games()
-
-    def _experience_guide(self, games: list[GameSpec], n: int, tag: str, validate: bool):
-        if self.exp is None or not self.exp.guided(validate) or not len(self.exp.pool):
-            return None
-        return self.exp.guide_fn(self.exp.plan(games, n, tag, validate))
-
-    def _replay_successes(self, batch: Batch, stats: dict) -> Batch:
-        if self.exp is None or self.exp.replay is None:
-            return batch
-        r = self.cfg.exp_manager.replay
-        batch, rows = self.exp.replay.replace_failures(batch, r.success_threshold, r.max_replay_per_group)
-        stats["rows"] += rows
-        return batch
-
-    def _self_evolving_metrics(self, all_rows: Batch, batch: Batch, replay_stats: dict,
-                               timings: dict[str, float]) -> dict:
-        """End of a step's generation: curriculum counts, replay store, pool update; their metrics."""
-        out: dict = {}
-        if not len(all_rows):
-            return out
-        episodes = all_rows.select(all_rows.ids["is_last"].astype(bool) & (all_rows.ids["finish_reason"] != "env_error"))
-        if self.task_source is not None:
-            self.task_source.observe(episodes.ids["task_id"].tolist(), episodes.ids["task_type"].tolist(),
-                                     episodes.ids["won"].tolist())
-            out |= self.task_source.metrics()
-        if self.exp is None:
-            return out
-        e = self.cfg.exp_manager
-        with timer("experience", timings):
-            if self.exp.replay is not None:
-                self.exp.replay.add_successes(all_rows.select(all_rows.ids["finish_reason"] != "env_error"))
-            if e.updated_freq > 0 and (self.global_step + 1) % e.updated_freq == 0:
-                ctx = SummaryContext(self.tokenizer, self.workers.generate, e.summary_max_tokens,
-                                     self._seed(self.global_step, 999))
-                out["experience/added"] = self.exp.add(self._step_records, self.global_step + 1, ctx)
-        self._step_records = []
-        out |= self.exp.metrics()
-        out["experience/injected_rows"] = int(batch.ids["exp_guided"].sum()) if len(batch) else 0
-        out["experience/off_policy_rows"] = int((batch["exp_mask"].sum(-1) > 0).sum()) if len(batch) else 0
-        out["experience/replayed_rows"] = int(batch.ids["exp_replayed"].sum()) if len(batch) else 0
-        out["experience/replaced_rows_generated"] = replay_stats["rows"]
-        return out
-
-    def _init_experience_before_training(self) -> None:
-        """exp_manager.init_experience_before_training: the pool starts with the planner walkthroughs of
-        the first training games (fixed: the train split; generated: the prefetched batches)."""
-        if self.exp is None or not self.cfg.exp_manager.init_experience_before_training or self.global_step:
-            return
-        if self.task_source is not None:
-            self.task_source.start()
-            games = self.task_source.peek_games()
-        else:
-            games = self.train_games
-        records = [walkthrough_record(g) for g in games[: self.cfg.exp_manager.max_pool_size]]
-        self.exp.add(records, 0)
-
     def _log_val_games(self, batch: Batch) -> None:
         """Per-game held-out outcomes (val_games.jsonl): what a paired bootstrap over games needs."""
         if not len(batch):
@@ -437,22 +355,6 @@ class RayTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "val_games.jsonl", "a") as f:
             f.write(json.dumps({"step": self.global_step, "won": {k: float(np.mean(v)) for k, v in won.items()}}) + "\n")
-
-    def _self_evolving_state(self) -> dict:
-        return {"task_source": self.task_source.state_dict() if self.task_source is not None else None,
-                "experience": self.exp.state_dict() if self.exp is not None else None}
-
-    def _save_replay(self, step_dir: Path) -> None:
-        if self.exp is not None and self.exp.replay is not None:
-            torch.save(self.exp.replay.state_dict(), step_dir / REPLAY_FILE)
-
-    def _load_self_evolving(self, state: dict, step_dir: Path) -> None:
-        if self.task_source is not None and state.get("task_source"):
-            self.task_source.load_state_dict(state["task_source"])
-        if self.exp is not None and state.get("experience"):
-            self.exp.load_state_dict(state["experience"])
-        if self.exp is not None and self.exp.replay is not None and (step_dir / REPLAY_FILE).is_file():
-            self.exp.replay.load_state_dict(torch.load(step_dir / REPLAY_FILE, weights_only=False))  # our own file
 
     # ------------------------------------------------------------------ state
     def rng_permutation(self, n: int, salt: int) -> np.ndarray:

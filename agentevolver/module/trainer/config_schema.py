@@ -338,6 +338,7 @@ SCHEMA: dict[str, Check] = {
     "exp_manager.replay.max_tasks": POS_INT,
     "exp_manager.replay.max_per_task": POS_INT,
     "exp_manager.replay.match": OneOf(REPLAY_MATCH),
+    "exp_manager.replay.teacher": Optional(OneOf(TEACHERS), "no teacher episodes"),
     "env.alfworld.data_dir": Optional(Str("a folder holding json_2.1.1/"), "$ALFWORLD_DATA"),
     "env.alfworld.train_split": Str("a folder under json_2.1.1/"),
     "env.alfworld.val_split": Str("a folder under json_2.1.1/"),
@@ -503,6 +504,16 @@ def experience_template_can_be_stripped(cfg: DictConfig) -> None:
              "must contain {experience} exactly once, followed by text that ends the block (e.g. a blank line)")
 
 
+def replay_teacher_needs_replay(cfg: DictConfig) -> None:
+    """Teacher episodes are replayed rows; their tokens have no sampler log-probs (bypass_mode reads them)."""
+    r = cfg.exp_manager.replay
+    if r.teacher is not None and not r.enable:
+        fail("exp_manager.replay.teacher", r.teacher, "needs exp_manager.replay.enable=true (or null)")
+    if r.teacher is not None and r.enable and cfg.algorithm.rollout_correction.bypass_mode:
+        fail("exp_manager.replay.teacher", r.teacher, "needs algorithm.rollout_correction.bypass_mode=false: a "
+             "teacher's tokens have no sampler log-probs, so their old log-probs must come from the actor")
+
+
 def trainer_syncs_vllm_in_place(cfg: DictConfig) -> None:
     """The trainer always owns a process group, and a rebuild's engine shutdown destroys it
     (vllm/v1/engine/core.py:839 -> distributed/parallel_state.py:2541 destroy_distributed_environment)."""
@@ -514,7 +525,7 @@ def trainer_syncs_vllm_in_place(cfg: DictConfig) -> None:
 
 RULES: tuple[Callable[[DictConfig], None], ...] = (
     task_gen_levels_are_ranges, generated_tasks_need_steps, curriculum_needs_generated_tasks,
-    experience_template_can_be_stripped,
+    experience_template_can_be_stripped, replay_teacher_needs_replay,
     step_estimator_needs_step_mode, group_estimator_needs_a_group, mini_batch_divides_rows,
     micro_batch_fits_mini_batch, trajectory_mode_keeps_all_history, step_mode_has_no_kl_in_reward,
     overlong_buffer_fits_response, policy_loss_settings_agree, rollout_correction_bounds_and_bypass,

@@ -4,7 +4,8 @@
 unless `data.task_gen.max_games` caps the stream). Which game comes next is decided on the driver —
 a task type and one level per difficulty knob, sampled from the curriculum's weights — and made by a
 background Ray actor (`TaskGenActor`) that keeps `prefetch` batches ready, so generation runs while
-the trainer rolls out and updates. A game depends only on (seed, index, task type, knob levels), the
+the trainer rolls out and updates. No generated game has a held-out game's PDDL problem (a draw that
+does is redrawn). A game depends only on (seed, index, task type, knob levels), the
 draw of index i only on (seed, i) and the curriculum's counts, so a run is reproducible and a resume
 re-submits the pending requests saved in the checkpoint.
 
@@ -105,9 +106,10 @@ class Curriculum:
 class TaskGenActor:
     """Makes games in its own process (a Ray actor): one planner + engine, reused for every game."""
 
-    def __init__(self, split_dir: str) -> None:
+    def __init__(self, split_dir: str, exclude: Sequence[str] = ()) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         self.split_dir = Path(split_dir)
+        self.exclude = frozenset(exclude)  # problem keys never to make (the held-out games')
         self.staging = tempfile.mkdtemp(prefix="alfworld-taskgen-")
 
     def make(self, specs: list[dict]) -> tuple[list[dict], float]:
@@ -118,7 +120,7 @@ class TaskGenActor:
         for s in specs:
             folder = generate_game(self.split_dir, s["seed"], s["index"], s["task_type"], s["split"],
                                    s["min_receptacles"], s["max_receptacles"], tuple(s["distractors"]),
-                                   s["closed_fraction"], Path(self.staging))
+                                   s["closed_fraction"], Path(self.staging), exclude=self.exclude)
             out.append({"game_dir": str(folder), "task_type": s["task_type"],
                         "task_id": f"{folder.parent.name}/{folder.name}", "split": s["split"]})
         return out, time.perf_counter() - t0
@@ -127,7 +129,8 @@ class TaskGenActor:
 class GeneratedTaskSource:
     """The stream of generated training games (see the module docstring). cfg = the whole config."""
 
-    def __init__(self, cfg: Any, out_dir: Path) -> None:
+    def __init__(self, cfg: Any, out_dir: Path, exclude: Sequence[str] = ()) -> None:
+        """exclude: problem keys (alfworld.data.problem_key) no generated game may have: the held-out set's."""
         g = cfg.data.task_gen
         self.seed = int(cfg.data.seed * 1_000_003 + 17 if g.seed is None else g.seed)
         self.split = str(g.split)
@@ -150,7 +153,7 @@ class GeneratedTaskSource:
         self.draws = 0  # batches drawn (seeds the repeat choice)
         import ray  # here, not at import: config_check imports this module's registries
 
-        self.actor = ray.remote(num_cpus=0.01)(TaskGenActor).remote(str(self.split_dir))
+        self.actor = ray.remote(num_cpus=0.01)(TaskGenActor).remote(str(self.split_dir), sorted(exclude))
         self.last_wait_s = 0.0
         self.last_gen_s = 0.0
 

@@ -1,9 +1,11 @@
-"""Metric sinks selected by `trainer.logger`: console, file (metrics.jsonl), wandb."""
+"""Metric sinks selected by `trainer.logger`: console, file (metrics.jsonl), wandb; the phase timer."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 LOGGERS = ("console", "file", "wandb")  # trainer.logger: the sinks below
+
+
+@contextlib.contextmanager
+def timer(name: str, timings: dict[str, float]):
+    """Adds the block's wall seconds to timings[name] (the `timing/<name>` metrics)."""
+    t0 = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _plain(value: Any) -> Any:

@@ -200,6 +200,8 @@ def test_replay_marks_replayed_rows_and_joins_the_group(tokenizer):
     other = batch.select(np.arange(len(batch)))
     other.ids["task_id"] = np.array(["another game"] * len(other))
     assert replay.replace_failures(other, 0.5, 1)[1] == 0  # task_id: nothing stored for that game
+    assert replay.wanting(other, 0.5) == ["another game"] and replay.wanting(batch, 0.5) == []
+    assert by_type.wanting(other, 0.5) == []  # the type has a stored success
     assert by_type.replace_failures(other, 0.5, 1)[1] == len(won)  # task_type: the type's success
     # a group at or above the threshold is left alone
     batch.ids["won"][:] = True
@@ -297,6 +299,8 @@ def test_llm_summariser_runs_on_the_tiny_model(tiny_model_dir, tokenizer):
     ("exp_manager.summarizer", "gpt", "must be one of rule, llm"),
     ("exp_manager.experience_template", "Tips: {experience}", "must contain {experience} exactly once, followed"),
     ("exp_manager.replay.match", "room", "must be one of task_id, task_type"),
+    ("exp_manager.replay.teacher", "oracle", "must be one of walkthrough, explore, or null"),
+    ("exp_manager.replay.teacher", "explore", "needs exp_manager.replay.enable=true"),
     ("exp_manager.rollout_expratio", 1.5, "<= 1"),
 ])
 def test_config_check_one_line(key, value, message):

@@ -70,3 +70,25 @@ def test_generated_curriculum_experience_resume(tiny_model_dir, val_data, tmp_pa
     gen_full = {p.name: p.joinpath("game.tw-pddl").read_bytes() for p in (full / "generated_tasks").rglob("trial_*")}
     gen_res = {p.name: p.joinpath("game.tw-pddl").read_bytes() for p in (resumed / "generated_tasks").rglob("trial_*")}
     assert gen_res and all(gen_full[k] == v for k, v in gen_res.items())  # re-made pending games: same bytes
+
+
+def test_teacher_replay_on_fresh_games(tiny_model_dir, val_data, tmp_path):
+    """exp_manager.replay.teacher: a failing group of a fresh game gets the teacher's episode of that very
+    game, trained off-policy (exp_mask = 1); no generated game has a held-out game's problem."""
+    from agentevolver.alfworld.data import problem_keys
+
+    out = tmp_path / "teacher"
+    run(small_overrides(tiny_model_dir, val_data, out) + [
+        "trainer.total_training_steps=2", "trainer.save_freq=2", "trainer.test_freq=2", "trainer.export_hf=false",
+        "data.task_source=generated", "exp_manager.replay.enable=true", "exp_manager.replay.teacher=walkthrough",
+        "exp_manager.replay.success_threshold=1.0",  # every group short of 4 wins of 4 gets one
+        "env.max_steps=8", "data.task_gen.receptacles=[[3,3]]", "data.task_gen.distractors=[[0,0]]",
+        "data.task_gen.closed_fraction=[0.0]"])  # walkthroughs of 4-8 commands: the teacher wins in 8 steps
+    rows = read_metrics(out)
+    for step in (1, 2):
+        row = rows[step]
+        assert row["experience/teacher_episodes"] >= 1
+        assert row["experience/replayed_rows"] > 0 and row["experience/off_policy_rows"] >= row["experience/replayed_rows"]
+        assert "actor/pg_loss_off" in row
+    made = [p for p in (out / "generated_tasks").rglob("trial_*")]
+    assert made and not problem_keys(made) & problem_keys(p for p in val_data.rglob("trial_*"))
