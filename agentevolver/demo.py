@@ -93,7 +93,8 @@ def _problems(folder: Path) -> set[str]:
 
 
 def heldout_overlap(data: Path, dapo_dir: Path) -> int:
-    """Held-out games whose problem also occurs among the training games (train split + generated)."""
+    """Held-out games whose problem also occurs among the games trained on: the train split (the SFT warm
+    start's games, and DAPO's with fixed tasks) and the generated ones. Both generators exclude them: 0."""
     held = _problems(data / "json_2.1.1" / "valid_seen")
     train = _problems(data / "json_2.1.1" / "train") | _problems(dapo_dir / "generated_tasks")
     return len(held & train)
@@ -176,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "json_2.1.1" / "train").is_dir():
         knobs = ["--min-receptacles", str(args.min_receptacles), "--max-receptacles", str(args.max_receptacles),
                  "--distractors", args.distractors, "--closed-fraction", str(args.closed_fraction)]
-        sh(py, "-m", "agentevolver.alfworld", "generate", "--out", str(data), "--num-games", str(args.train_games),
-           "--seed", str(1000 * args.seed), "--split", "train", *knobs)
+        # held-out first: the training split is then made without any held-out game's problem
         sh(py, "-m", "agentevolver.alfworld", "generate", "--out", str(data), "--num-games",
            str(args.heldout_games), "--seed", str(1000 * args.seed + 500), "--split", "valid_seen", *knobs)
+        sh(py, "-m", "agentevolver.alfworld", "generate", "--out", str(data), "--num-games", str(args.train_games),
+           "--seed", str(1000 * args.seed), "--split", "train", "--exclude", str(data / "json_2.1.1" / "valid_seen"),
+           *knobs)
     common = [f"env.alfworld.data_dir={data}", f"trainer.seed={args.seed}", f"data.seed={args.seed}",
               "trainer.resume_mode=disable"]
     sft_dir = shared / "sft"

@@ -33,6 +33,7 @@ from agentevolver.alfworld.data import (
     TRAJ_FILE,
     count_by_task_type,
     problem_key,
+    problem_keys,
     read_task_type,
 )
 from agentevolver.alfworld.gen_scenes import Scene, sample_scene, scene_to_pddl, task_sentences
@@ -177,8 +178,10 @@ def generate_games(
     max_receptacles: int = 25,
     num_distractors: tuple[int, int] = (2, 8),
     closed_fraction: float = 1.0,
+    exclude: frozenset[str] = frozenset(),
 ) -> list[Path]:
     """Generate `num_games` planner-verified games under OUT/json_2.1.1/<split>/; returns their folders.
+    No game gets a problem_key in `exclude` (e.g. a held-out split's: see `--exclude`).
 
     Difficulty knobs: receptacles per room in [min_receptacles, max_receptacles] (more places to search),
     distractor objects in `num_distractors` (more admissible commands), `closed_fraction` of the openable
@@ -196,7 +199,8 @@ def generate_games(
     with tempfile.TemporaryDirectory(prefix="alfworld-gen-") as staging:
         for index, task_type in enumerate(schedule):
             out.append(generate_game(split_dir, seed, index, task_type, split, min_receptacles, max_receptacles,
-                                     tuple(num_distractors), closed_fraction, Path(staging), domain, grammar))
+                                     tuple(num_distractors), closed_fraction, Path(staging), domain, grammar,
+                                     exclude))
     return out
 
 
@@ -275,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distractor objects per game, N or LO,HI (default 2,8)")
     p.add_argument("--closed-fraction", type=float, default=1.0,
                    help="fraction of openable receptacles that start closed (default 1.0)")
+    p.add_argument("--exclude", default=None, metavar="DIR",
+                   help="a folder of games (e.g. OUT/json_2.1.1/valid_seen) whose problems must not be made again: "
+                        "a training split that never holds a held-out game")
     return p
 
 
@@ -282,9 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        exclude = frozenset()
+        if args.exclude is not None:
+            if not Path(args.exclude).is_dir():
+                raise GenerationError(f"--exclude {args.exclude}: not a folder")
+            exclude = frozenset(problem_keys(Path(args.exclude).rglob(GAME_FILE)))
         games = generate_games(args.out, args.num_games, args.seed, args.task_types, args.split,
                                args.min_receptacles, args.max_receptacles, args.distractors,
-                               args.closed_fraction)
+                               args.closed_fraction, exclude)
     except GenerationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -156,6 +156,15 @@ def test_excluded_problems_are_redrawn(tmp_path):
     assert problem_key(_problem(again[0])) not in held_out
     assert _files(again[0]) == _files(again[1])
     assert json.loads((again[0] / "traj_data.json").read_text())["generator"]["attempt"] >= 1
+    # the CLI: a training split made with --exclude <held-out split> shares no problem with it
+    held = generate_games(tmp_path / "held", 2, seed=9, min_receptacles=3, max_receptacles=3, num_distractors=(0, 0))
+    summary = _last_json(_cli("generate", "--out", str(tmp_path / "train"), "--num-games", "2", "--seed", "9",
+                              "--min-receptacles", "3", "--max-receptacles", "3", "--distractors", "0",
+                              "--exclude", str(tmp_path / "held")))
+    made = list((tmp_path / "train").rglob("game.tw-pddl"))
+    assert summary["games"] == len(made) == 2 and not problem_keys(made) & problem_keys(held)
+    assert _cli("generate", "--out", str(tmp_path / "x"), "--num-games", "1", "--exclude",
+                str(tmp_path / "nowhere")).stderr.strip().splitlines()[-1] == f"error: --exclude {tmp_path / 'nowhere'}: not a folder"
 
 
 def test_knobs_are_respected(tmp_path):
