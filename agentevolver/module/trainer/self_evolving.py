@@ -60,8 +60,8 @@ class SelfEvolvingLoop:
             if wanting:
                 from agentevolver.sft import make_teacher  # fresh per call: it caches a plan per episode
 
-                taught = self.rollout(wanting, 1, SamplingParams(), f"{tag}t", timings,
-                                      teacher=make_teacher(self.cfg, r.teacher))
+                taught = self.rollout(wanting, r.max_replay_per_group, SamplingParams(), f"{tag}t", timings,
+                                      teacher=make_teacher(self.cfg, r.teacher))  # k episodes: k replays
                 stats["teacher_episodes"] += int(self.exp.replay.add_successes(taught))
         batch, rows = self.exp.replay.replace_failures(batch, r.success_threshold, r.max_replay_per_group)
         stats["rows"] += rows
