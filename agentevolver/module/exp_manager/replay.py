@@ -9,7 +9,7 @@ log-probs like any row's, so the importance ratio is against the current policy.
 
 Storage: per task the newest `max_per_task` successful episodes (all their rows), at most `max_tasks`
 tasks (least recently stored evicted). Rollouts of the current policy are stored, never replays; with
-`teacher` set, a low-success group whose task has nothing stored gets the teacher's episode of that very
+`teacher` set, a low-success group whose task has nothing stored gets teacher episodes of that very
 game (the planner walkthrough played through the policy's own prompts, as the SFT warm start collects
 it) stored first: off-policy guidance for a stream of fresh games, whose own successes never recur.
 """
