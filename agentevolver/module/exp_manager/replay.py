@@ -60,20 +60,20 @@ class SuccessReplay:
         return stored
 
     def _low_groups(self, batch: Batch, success_threshold: float):
-        """(uid, task key, won per episode, episode ids) of each group below the success threshold."""
+        """(uid, its episodes' last-row mask, task key, won per episode) of each group below the threshold."""
         last = batch.ids["is_last"].astype(bool)
         for uid in dict.fromkeys(batch.ids["uid"].tolist()):
             in_group = (batch.ids["uid"] == uid) & last
             won = batch.ids["won"][in_group].astype(bool)
             if won.mean() < success_threshold:
-                yield uid, str(batch.ids[self.match][in_group][0]), won, batch.ids["episode_id"][in_group]
+                yield uid, in_group, str(batch.ids[self.match][in_group][0]), won
 
     def wanting(self, batch: Batch, success_threshold: float) -> list[str]:
         """task_id of each low-success group that has no stored success to replay (yet)."""
         if not len(batch):
             return []
-        return [str(batch.ids["task_id"][batch.ids["uid"] == uid][0])
-                for uid, tid, _, _ in self._low_groups(batch, success_threshold) if tid not in self.store]
+        return [str(batch.ids["task_id"][in_group][0])
+                for _, in_group, tid, _ in self._low_groups(batch, success_threshold) if tid not in self.store]
 
     def replace_failures(self, batch: Batch, success_threshold: float, max_per_group: int) -> tuple[Batch, int]:
         """The batch with failed episodes of low-success groups swapped for stored successes; rows replayed."""
@@ -81,10 +81,10 @@ class SuccessReplay:
             return batch, 0
         drop: set[str] = set()
         added: list[Batch] = []
-        for uid, tid, won, episode_ids in self._low_groups(batch, success_threshold):
+        for uid, in_group, tid, won in self._low_groups(batch, success_threshold):
             if tid not in self.store:
                 continue
-            failed = [str(e) for e, w in zip(episode_ids, won) if not w]
+            failed = [str(e) for e, w in zip(batch.ids["episode_id"][in_group], won) if not w]
             stored = list(reversed(self.store[tid]))  # newest first
             for victim, ep in zip(reversed(failed), stored[:max_per_group]):
                 drop.add(victim)
