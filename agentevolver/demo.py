@@ -71,6 +71,8 @@ PRESETS["replay"] = PRESETS["guided"] + ["exp_manager.replay.enable=true", "exp_
 # win of 4 gets the explore teacher's episode of that very game in place of a failure
 PRESETS["teacher"] = PRESETS["fresh"] + ["exp_manager.replay.enable=true", "exp_manager.replay.teacher=explore",
                                          "actor_rollout_ref.actor.off_cliprange_high=0.4"]
+# self-imitation: the teacher's tokens also get an unclipped NLL term (actor.imitation_coef)
+PRESETS["teacher_sil"] = PRESETS["teacher"] + ["actor_rollout_ref.actor.imitation_coef=1.0"]
 # more guidance: two teacher episodes for each group with at most two wins of 4
 PRESETS["teacher_k2"] = PRESETS["teacher"] + ["exp_manager.replay.max_replay_per_group=2",
                                               "exp_manager.replay.success_threshold=0.75"]

@@ -173,6 +173,25 @@ def test_loss_mode_and_is_weights_through_the_actor_on_any_split(model_dir, tmp_
         assert math.isclose(one[4][1][k], two[1][1][k], rel_tol=1e-5, abs_tol=1e-7), k
 
 
+@pytest.mark.slow
+def test_self_imitation_term_through_the_actor_on_any_split(model_dir, tmp_path):
+    """actor.imitation_coef on off-policy rows (exp_mask) through the real actor: the same gradient and
+    actor/imitation_loss on 1 rank (micro-batches 4) and 2 ranks (1), and the term changes the gradient."""
+    cfg = make_config(model_dir, **{"actor.grad_clip": 1e9, "actor.imitation_coef": 0.5})
+    batch = make_batch(7)
+    exp_mask = torch.tensor([0, 1, 1, 0, 0, 1, 1])[:, None] * batch["response_mask"]  # row 1 has A > 0
+    batch = Batch(batch.tensors | {"exp_mask": exp_mask}, batch.ids)
+    one = run_ranks(1, "update", tmp_path, config=cfg, batch=batch, mbs=[4], ckpt=str(tmp_path / "c1"))[4]
+    two = run_ranks(2, "update", tmp_path, config=cfg, batch=batch, mbs=[1], ckpt=str(tmp_path / "c2"))[1]
+    cfg.actor_rollout_ref.actor.imitation_coef = 0.0
+    plain = run_ranks(1, "update", tmp_path, config=cfg, batch=batch, mbs=[4], ckpt=str(tmp_path / "c3"))[4]
+    rel = ((one[2][0] - two[2][0]).norm() / one[2][0].norm()).item()
+    assert rel < 1e-6
+    assert ((one[2][0] - plain[2][0]).norm() / one[2][0].norm()).item() > 1e-2
+    assert math.isclose(one[1]["actor/imitation_loss"], two[1]["actor/imitation_loss"], rel_tol=1e-6)
+    assert one[1]["actor/imitation_loss"] > 0 and "actor/imitation_loss" not in plain[1]
+
+
 def test_checkpoint_resume_gives_identical_next_update(model_dir, tmp_path):
     cfg = make_config(model_dir, **{"actor.optim.lr_warmup_steps": 3, "actor.loss_agg_mode": "seq-mean-token-mean"})
     res = run_ranks(2, "checkpoint", tmp_path, config=cfg, batch=make_batch(6), ckpt=str(tmp_path / "ckpt"),

@@ -28,7 +28,12 @@ from typing import Any
 import torch
 
 from agentevolver.module.exp_manager.chunked_logprob import logprob_head
-from agentevolver.module.exp_manager.het_core_algos import agg_loss, count_tokens_and_seqs, kl_penalty
+from agentevolver.module.exp_manager.het_core_algos import (
+    agg_loss,
+    count_tokens_and_seqs,
+    kl_penalty,
+    self_imitation_loss,
+)
 from agentevolver.module.exp_manager.policy_losses import PolicyLossParams, get_policy_loss_fn
 from agentevolver.protocol import Batch, with_model_inputs
 from agentevolver.utils.dist import all_reduce, world
@@ -244,7 +249,7 @@ def update_policy(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for _epoch in range(int(config.ppo_epochs)):
         for piece, k, (g_tokens, g_seqs) in zip(pieces, n_micro, counts):
             # sums over micro-batches of: loss shares, clip metrics × tokens, entropy × mask, non-finite flag
-            sums = torch.zeros(9, dtype=torch.float64)
+            sums = torch.zeros(10, dtype=torch.float64)
             for _rows, mb in _micro_batches(piece, mbs, k, packing):
                 mb = {key: v.to(dev) for key, v in mb.items()}
                 mask = mb["response_mask"].float()
@@ -271,14 +276,15 @@ def _sft_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor
                     ) -> tuple[torch.Tensor, list[float]]:
     """Token-mean NLL over response_mask: this micro-batch's share, and the metric sums (see _ppo_micro_loss)."""
     total = agg_loss(-logp, mask, "token-mean", global_tokens=g_tokens)
-    return total, [total.item(), 0.0, 0.0, 0.0, 0.0, _entropy_sum(ent, mask), 0.0, 0.0]
+    return total, [total.item(), 0.0, 0.0, 0.0, 0.0, _entropy_sum(ent, mask), 0.0, 0.0, 0.0]
 
 
 def _ppo_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor, logp: torch.Tensor,
                     ent: torch.Tensor, g_tokens: torch.Tensor, g_seqs: torch.Tensor, entropy_coeff: float
                     ) -> tuple[torch.Tensor, list[float]]:
     """This micro-batch's share of the mini-batch loss, and its metric sums
-    [main loss share, kl share, clipfrac·n, clipfrac_lower·n, ppo_kl·n, Σ entropy·mask, on share, off share]."""
+    [main loss share, kl share, clipfrac·n, clipfrac_lower·n, ppo_kl·n, Σ entropy·mask, on share, off share,
+    imitation share] (the main loss is pg_loss; imitation_coef · imitation share is added to the total)."""
     n_tok = mask.sum().item()
     ent_sum = _entropy_sum(ent, mask)
     mode, scale, pl = config.loss_agg_mode, config.loss_scale_factor, config.policy_loss
@@ -301,8 +307,14 @@ def _ppo_micro_loss(config: Any, mb: dict[str, torch.Tensor], mask: torch.Tensor
                       g_tokens, g_seqs, scale)
         total = total + config.kl_loss_coef * kl
         kl_share = kl.item()
+    imit_share = 0.0
+    if config.imitation_coef and mb.get("exp_mask") is not None:  # self-imitation of off-policy successes
+        imit = self_imitation_loss(logp, mb["advantages"].float(), mask, mb["exp_mask"], mode, g_tokens, g_seqs, scale)
+        total = total + config.imitation_coef * imit
+        imit_share = imit.item()
     return total, [out["pg_loss"].item(), kl_share, out["pg_clipfrac"].item() * n_tok,
-                   out["pg_clipfrac_lower"].item() * n_tok, out["ppo_kl"].item() * n_tok, ent_sum, pg_on, pg_off]
+                   out["pg_clipfrac_lower"].item() * n_tok, out["ppo_kl"].item() * n_tok, ent_sum, pg_on, pg_off,
+                   imit_share]
 
 
 def _step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -329,6 +341,7 @@ def _ppo_metrics(config: Any, sums: torch.Tensor, tok: float) -> dict[str, float
            "actor/pg_loss_on": sums[6].item(), "actor/pg_loss_off": sums[7].item(),
            "actor/pg_clipfrac": sums[2].item() / tok, "actor/pg_clipfrac_lower": sums[3].item() / tok,
            "actor/ppo_kl": sums[4].item() / tok}
+    out |= {"actor/imitation_loss": sums[8].item()} if config.imitation_coef else {}
     return out | ({"actor/kl_loss": sums[1].item()} if config.use_kl_loss else {})
 
 

@@ -219,6 +219,22 @@ def dapo_compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     return {"pg_loss": pg_loss, "pg_losses": pg, **metrics}
 
 
+def self_imitation_loss(log_prob: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+                        exp_mask: torch.Tensor, loss_agg_mode: str, global_tokens: Denominator = None,
+                        global_seqs: Denominator = None, loss_scale_factor: float | None = None) -> torch.Tensor:
+    """Self-imitation (SIL, Oh et al. 2018, https://arxiv.org/abs/1806.05635) on off-policy tokens. (B, T).
+
+    M_imit = response_mask · exp_mask · [A > 0] (replayed or teacher successes);
+    L_imit = agg_loss(-logp, M_imit, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor).
+    With the mini-batch's global counts it is a share on the same denominators as pg_loss (like
+    actor/pg_loss_off), so actor.imitation_coef · L_imit adds to it for any micro-batch split. The NLL is
+    not clipped: where the ratio clip stops the policy gradient of a success the policy has never
+    sampled, this term still pulls toward it.
+    """
+    imitate = response_mask.to(log_prob.dtype) * exp_mask.to(log_prob.dtype) * (advantages > 0).to(log_prob.dtype)
+    return agg_loss(-log_prob, imitate, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor)
+
+
 # ----------------------------------------------------------------------------- KL and entropy
 def _kl_k1(logprob: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return logprob - ref

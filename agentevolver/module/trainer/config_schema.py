@@ -252,6 +252,7 @@ SCHEMA: dict[str, Check] = {
     "actor_rollout_ref.actor.clip_ratio_high": Num(min=0),
     "actor_rollout_ref.actor.clip_ratio_c": Num(above=1),
     "actor_rollout_ref.actor.off_cliprange_high": Optional(Num(min=0), "clip_ratio_high"),
+    "actor_rollout_ref.actor.imitation_coef": Num(min=0),
     "actor_rollout_ref.actor.policy_loss.loss_mode": OneOf(POLICY_LOSS_MODES),
     "actor_rollout_ref.actor.policy_loss.clip_cov_ratio": Num(above=0, max=1),
     "actor_rollout_ref.actor.policy_loss.clip_cov_lb": Num(),
@@ -514,6 +515,14 @@ def replay_teacher_needs_replay(cfg: DictConfig) -> None:
              "teacher's tokens have no sampler log-probs, so their old log-probs must come from the actor")
 
 
+def imitation_needs_off_policy_tokens(cfg: DictConfig) -> None:
+    """The self-imitation term reads exp_mask: without replay or guided rollouts it would do nothing."""
+    e, coef = cfg.exp_manager, cfg.actor_rollout_ref.actor.imitation_coef
+    if coef and not e.replay.enable and e.train_rollout_expmode == "woexp":
+        fail("actor_rollout_ref.actor.imitation_coef", coef, "needs off-policy tokens: exp_manager.replay.enable=true "
+             "or exp_manager.train_rollout_expmode=mixed|all (or 0)")
+
+
 def trainer_syncs_vllm_in_place(cfg: DictConfig) -> None:
     """The trainer always owns a process group, and a rebuild's engine shutdown destroys it
     (vllm/v1/engine/core.py:839 -> distributed/parallel_state.py:2541 destroy_distributed_environment)."""
@@ -525,7 +534,7 @@ def trainer_syncs_vllm_in_place(cfg: DictConfig) -> None:
 
 RULES: tuple[Callable[[DictConfig], None], ...] = (
     task_gen_levels_are_ranges, generated_tasks_need_steps, curriculum_needs_generated_tasks,
-    experience_template_can_be_stripped, replay_teacher_needs_replay,
+    experience_template_can_be_stripped, replay_teacher_needs_replay, imitation_needs_off_policy_tokens,
     step_estimator_needs_step_mode, group_estimator_needs_a_group, mini_batch_divides_rows,
     micro_batch_fits_mini_batch, trajectory_mode_keeps_all_history, step_mode_has_no_kl_in_reward,
     overlong_buffer_fits_response, policy_loss_settings_agree, rollout_correction_bounds_and_bypass,

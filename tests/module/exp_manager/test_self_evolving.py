@@ -246,7 +246,7 @@ def test_het_loss_mixed_batch_equals_plain_loop(mode, split):
     total, start = 0.0, 0
     on_off = [0.0, 0.0]
     config = SimpleNamespace(loss_agg_mode=mode, loss_scale_factor=None, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                             clip_ratio_c=3.0, off_cliprange_high=0.6, use_kl_loss=False,
+                             clip_ratio_c=3.0, off_cliprange_high=0.6, use_kl_loss=False, imitation_coef=0.0,
                              policy_loss=SimpleNamespace(loss_mode="vanilla", clip_cov_ratio=0.0002, clip_cov_lb=1.0,
                                                          clip_cov_ub=5.0, kl_cov_ratio=0.0002, ppo_kl_coef=0.1))
     for size in split:
@@ -268,6 +268,59 @@ def test_het_loss_mixed_batch_equals_plain_loop(mode, split):
     # on-policy tokens really clip at clip_ratio_high: the same batch without exp_mask differs
     plain = dapo_compute_policy_loss(old, new, adv, mask, global_tokens=tokens, global_seqs=seqs, **kw)["pg_loss"]
     assert plain.item() == pytest.approx(_reference(old, new, adv, mask, exp * 0, 0.2, 0.28, 0.6, 3.0, mode))
+
+
+@pytest.mark.parametrize("mode", AGG_LOSS_MODES)
+@pytest.mark.parametrize("split", [[8], [3, 5], [1, 2, 2, 3]])
+def test_self_imitation_term_equals_plain_loop(mode, split):
+    """actor.imitation_coef: + coef · NLL over off-policy tokens with A > 0, on pg_loss's denominators, for
+    any micro-batch split (value and gradient), and nothing from on-policy or negative-advantage tokens."""
+    g = torch.Generator().manual_seed(11)
+    B, T, coef = 8, 6, 0.5
+    old = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T).clone()
+    mask = (torch.rand(B, T, generator=g) > 0.25).double()
+    mask[5] = 0
+    exp = torch.tensor([1, 0, 1, 0, 0, 1, 1, 0], dtype=torch.float64)[:, None] * mask
+    tokens, seqs = count_tokens_and_seqs(mask)
+    imitate = mask * exp * (adv > 0)
+    nll = [[0.0] * T for _ in range(B)]  # the plain loop: -logp on imitated tokens, then the mode's mean
+    base = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.4
+    for i, t in itertools.product(range(B), range(T)):
+        nll[i][t] = -float(base[i, t]) * float(imitate[i, t])
+    tot = sum(map(sum, nll))
+    if mode == "token-mean":
+        want = tot / float(mask.sum())
+    elif mode == "seq-mean-token-mean":
+        want = sum(sum(nll[i]) / float(imitate[i].sum()) for i in range(B) if imitate[i].sum()) / float(seqs)
+    else:
+        want = tot / float(seqs) / (T if mode == "seq-mean-token-sum-norm" else 1)
+    assert 0 < imitate.sum() < (mask * exp).sum()  # some off-policy tokens have A <= 0: they are not imitated
+    config = SimpleNamespace(loss_agg_mode=mode, loss_scale_factor=None, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                             clip_ratio_c=3.0, off_cliprange_high=0.6, use_kl_loss=False, imitation_coef=coef,
+                             policy_loss=SimpleNamespace(loss_mode="vanilla", clip_cov_ratio=0.0002, clip_cov_lb=1.0,
+                                                         clip_cov_ub=5.0, kl_cov_ratio=0.0002, ppo_kl_coef=0.1))
+    new = base.clone().requires_grad_(True)
+    imit_sum, extra, start = 0.0, 0.0, 0
+    for size in split:
+        sl = slice(start, start + size)
+        start += size
+        mb = {"old_log_probs": old[sl], "advantages": adv[sl], "exp_mask": exp[sl]}
+        total, parts = _ppo_micro_loss(config, mb, mask[sl], new[sl], torch.zeros_like(old[sl]), tokens, seqs, 0.0)
+        total.backward()
+        imit_sum += parts[8]
+        extra += total.item() - parts[0]
+    assert imit_sum == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert extra == pytest.approx(coef * want, rel=1e-9, abs=1e-12)
+    whole = new.detach().clone().requires_grad_(True)
+    config.imitation_coef = 0.0
+    plain, _ = _ppo_micro_loss(config, {"old_log_probs": old, "advantages": adv, "exp_mask": exp}, mask, whole,
+                               torch.zeros_like(old), tokens, seqs, 0.0)
+    plain.backward()
+    # the gradient difference is exactly the imitation term's: -coef / denominator on imitated tokens only
+    diff = new.grad - whole.grad
+    assert torch.all(diff[imitate == 0] == 0)
+    assert torch.all(diff[imitate > 0] < 0)
 
 
 def test_llm_summariser_runs_on_the_tiny_model(tiny_model_dir, tokenizer):
@@ -302,6 +355,8 @@ def test_llm_summariser_runs_on_the_tiny_model(tiny_model_dir, tokenizer):
     ("exp_manager.replay.teacher", "oracle", "must be one of walkthrough, explore, or null"),
     ("exp_manager.replay.teacher", "explore", "needs exp_manager.replay.enable=true"),
     ("exp_manager.rollout_expratio", 1.5, "<= 1"),
+    ("actor_rollout_ref.actor.imitation_coef", 0.5, "needs off-policy tokens: exp_manager.replay.enable=true"),
+    ("actor_rollout_ref.actor.imitation_coef", -1, ">= 0"),
 ])
 def test_config_check_one_line(key, value, message):
     from agentevolver.module.trainer.config_check import ConfigError, check_values
