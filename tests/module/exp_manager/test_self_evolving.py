@@ -229,6 +229,14 @@ def _reference(old, new, adv, mask, exp, low, high, off_high, c, mode):
     return sum(sum(per[i][t] * float(mask[i, t]) for t in range(T)) for i in rows) / len(rows) / T
 
 
+def _actor_config(mode: str, imitation_coef: float) -> SimpleNamespace:
+    """The actor settings `_ppo_micro_loss` reads: vanilla DAPO, off-policy tokens clipped at 0.6."""
+    return SimpleNamespace(loss_agg_mode=mode, loss_scale_factor=None, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                           clip_ratio_c=3.0, off_cliprange_high=0.6, use_kl_loss=False, imitation_coef=imitation_coef,
+                           policy_loss=SimpleNamespace(loss_mode="vanilla", clip_cov_ratio=0.0002, clip_cov_lb=1.0,
+                                                       clip_cov_ub=5.0, kl_cov_ratio=0.0002, ppo_kl_coef=0.1))
+
+
 @pytest.mark.parametrize("mode", AGG_LOSS_MODES)
 @pytest.mark.parametrize("split", [[8], [3, 5], [1, 2, 2, 3]])
 def test_het_loss_mixed_batch_equals_plain_loop(mode, split):
@@ -245,10 +253,7 @@ def test_het_loss_mixed_batch_equals_plain_loop(mode, split):
     want = _reference(old, new, adv, mask, exp, 0.2, 0.28, 0.6, 3.0, mode)
     total, start = 0.0, 0
     on_off = [0.0, 0.0]
-    config = SimpleNamespace(loss_agg_mode=mode, loss_scale_factor=None, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                             clip_ratio_c=3.0, off_cliprange_high=0.6, use_kl_loss=False, imitation_coef=0.0,
-                             policy_loss=SimpleNamespace(loss_mode="vanilla", clip_cov_ratio=0.0002, clip_cov_lb=1.0,
-                                                         clip_cov_ub=5.0, kl_cov_ratio=0.0002, ppo_kl_coef=0.1))
+    config = _actor_config(mode, imitation_coef=0.0)
     for size in split:
         sl = slice(start, start + size)
         start += size
@@ -296,10 +301,7 @@ def test_self_imitation_term_equals_plain_loop(mode, split):
     else:
         want = tot / float(seqs) / (T if mode == "seq-mean-token-sum-norm" else 1)
     assert 0 < imitate.sum() < (mask * exp).sum()  # some off-policy tokens have A <= 0: they are not imitated
-    config = SimpleNamespace(loss_agg_mode=mode, loss_scale_factor=None, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                             clip_ratio_c=3.0, off_cliprange_high=0.6, use_kl_loss=False, imitation_coef=coef,
-                             policy_loss=SimpleNamespace(loss_mode="vanilla", clip_cov_ratio=0.0002, clip_cov_lb=1.0,
-                                                         clip_cov_ub=5.0, kl_cov_ratio=0.0002, ppo_kl_coef=0.1))
+    config = _actor_config(mode, imitation_coef=coef)
     new = base.clone().requires_grad_(True)
     imit_sum, extra, start = 0.0, 0.0, 0
     for size in split:
