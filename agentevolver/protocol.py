@@ -51,7 +51,8 @@ EPISODE_IDS: dict[str, str] = {
     "task_id": "U", "task_type": "U",
     "finish_reason": "U",      # success, max_steps, context_limit, prompt_too_long, env_error, ...
     "won": "b", "steps": "i", "format_errors": "i", "invalid_actions": "i", "projected_actions": "i",
-    "exp_replayed": "b",       # a stored success replayed into this group (exp_manager.replay)
+    "exp_replayed": "b",       # a stored success replayed into this group (exp_manager.replay), or an expert
+                               # relabelling of a failed episode (exp_manager.dagger): not played by the policy
 }
 ROW_IDS: dict[str, str] = {
     "episode_id": "U", "turn": "i", "is_last": "b",  # exactly one is_last row per episode

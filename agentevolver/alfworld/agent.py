@@ -148,6 +148,20 @@ def nearest_admissible(action: str | None, admissible: Sequence[str],
     return admissible[best] if scores[best] >= min_similarity else None
 
 
+NOTHING_HAPPENS = "Nothing happens."  # the engine's answer to a command it did not act on
+
+
+def accepted_actions(history: Sequence[tuple[str, str]], last_observation: str | None = None) -> list[str]:
+    """Commands of an episode the env acted on: not followed by "Nothing happens." nor a format error."""
+    out = []
+    for t, (_, action) in enumerate(history):
+        after = history[t + 1][0] if t + 1 < len(history) else last_observation
+        if after is not None and after.strip() in (NOTHING_HAPPENS, FORMAT_ERROR_OBSERVATION):
+            continue
+        out.append(action)
+    return out
+
+
 @dataclass
 class EpisodeStats:
     """Outcome of one episode. steps = agent turns (format-error turns included)."""

@@ -118,6 +118,7 @@ class Trajectory:
     gen_prompt_ids: list[int] | None = None
     off_policy: bool = False
     guided: bool = False
+    expert: str | None = None  # step mode, with an expert: its command for this turn's state (DAgger label)
 
     def extend(self, ids: list[int], mask: int, log_probs: list[float] | None = None) -> None:
         self.response_ids += ids
@@ -130,7 +131,8 @@ class LLMPolicy:
 
     def __init__(self, tokenizer, generate_fn, sampling: SamplingParams, max_prompt_length: int,
                  max_response_length: int, wording: str = "move", teacher=None, mode: str = "trajectory",
-                 history_window: int | None = None, guide=None, experience_template: str = "") -> None:
+                 history_window: int | None = None, guide=None, experience_template: str = "",
+                 expert=None) -> None:
         if mode not in ROLLOUT_MODES:
             raise ValueError(f"unknown rollout mode {mode!r}; valid: {', '.join(ROLLOUT_MODES)}")
         self.tokenizer = tokenizer
@@ -149,6 +151,8 @@ class LLMPolicy:
         # the episode's prompts get the experiences; keep=False trains it under the stripped prompt
         self.guide, self.experience_template = guide, experience_template
         self.guidance: dict[str, tuple[list[str], bool] | None] = {}
+        # expert(view) -> command | None, asked every step-mode turn: the label `relabel` trains on
+        self.expert = expert
         self.tasks: dict[str, str] = {}  # episode -> task sentence (for the experience summariser)
         self.trajectories: dict[str, Trajectory] = {}  # per episode
         self.turns: dict[str, list[Trajectory]] = {}  # step mode: the episode's rows, one per turn
@@ -189,6 +193,8 @@ class LLMPolicy:
             episode = self.trajectories.setdefault(eid, Trajectory([]))
             row = self._prompt(view, view.history, self.history_window)
             row.anchor = view.observation
+            if self.expert is not None:
+                row.expert = self.expert(view)
             if len(row.gen_prompt_ids or row.prompt_ids) > self.max_prompt_length:
                 episode.finish_reason = "context_limit" if episode.num_turns else "prompt_too_long"
             self.turns.setdefault(eid, []).append(row)
@@ -252,6 +258,23 @@ class LLMPolicy:
             episode.finish_reason = "context_limit"
             return PolicyOutput(text="", finish_reason="context_limit")
         return PolicyOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def relabel(self, episode_id: str, new_id: str) -> int:
+        """A new episode `new_id` of the expert's answers in `episode_id`'s states (DAgger): one row per
+        labelled turn, the turn's training prompt and `<action>{expert}</action>` + end-of-turn, off-policy
+        (exp_mask = 1; no sampler log-probs). Returns its rows (0: no labelled turn, nothing added)."""
+        rows = []
+        for t in self.turns.get(episode_id, []):
+            if t.expert is None or not t.response_ids:
+                continue
+            row = Trajectory(list(t.prompt_ids), anchor=t.anchor, off_policy=True)
+            row.extend(self._encode(f"<action>{t.expert}</action>") + [self.chat.end_of_turn_id], mask=1)
+            rows.append(row)
+        if rows:
+            source = self.trajectories[episode_id]
+            self.turns[new_id] = rows
+            self.trajectories[new_id] = Trajectory([], num_turns=len(rows), policy_version=source.policy_version)
+        return len(rows)
 
     def trajectory(self, episode_id: str) -> Trajectory:
         """The episode's record; an episode whose reset failed (env_error) never reached the policy and

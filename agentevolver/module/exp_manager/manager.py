@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from agentevolver.alfworld.agent import FORMAT_ERROR_OBSERVATION, EpisodeStats, TurnView
+from agentevolver.alfworld.agent import EpisodeStats, TurnView, accepted_actions
 from agentevolver.alfworld.data import GameSpec
 from agentevolver.module.exp_manager.experience import (
     EpisodeRecord,
@@ -17,19 +17,6 @@ from agentevolver.module.exp_manager.experience import (
     get_summarizer,
 )
 from agentevolver.module.exp_manager.replay import SuccessReplay
-
-_NOTHING = "Nothing happens."
-
-
-def accepted_actions(history: Sequence[tuple[str, str]], last_observation: str | None = None) -> list[str]:
-    """Commands of an episode the env acted on: not followed by "Nothing happens." nor a format error."""
-    out = []
-    for t, (_, action) in enumerate(history):
-        after = history[t + 1][0] if t + 1 < len(history) else last_observation
-        if after is not None and after.strip() in (_NOTHING, FORMAT_ERROR_OBSERVATION):
-            continue
-        out.append(action)
-    return out
 
 
 def walkthrough_record(game: GameSpec) -> EpisodeRecord:

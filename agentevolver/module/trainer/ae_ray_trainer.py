@@ -176,14 +176,16 @@ class RayTrainer(SelfEvolvingLoop):
         return games
 
     def rollout(self, games: list[GameSpec], n: int, sampling: SamplingParams, tag: str,
-                 timings: dict[str, float], teacher=None, validate: bool = False) -> Batch:
-        """Play every game n times; one Batch row per episode, rewards shaped, ids attached."""
+                 timings: dict[str, float], teacher=None, validate: bool = False, relabel: bool = False) -> Batch:
+        """Play every game n times; one Batch row per episode, rewards shaped, ids attached. relabel: also
+        the expert-relabelled episodes of failed ones (exp_manager.dagger; exp_replayed rows)."""
         cfg = self.cfg
         guide = self._experience_guide(games, n, tag, validate) if teacher is None else None
         policy = LLMPolicy(self.tokenizer, self.workers.generate, sampling, cfg.data.max_prompt_length,
                            cfg.data.max_response_length, wording=self.wording, teacher=teacher,
                            mode=cfg.env.rollout_mode, history_window=cfg.env.history_window, guide=guide,
-                           experience_template=cfg.exp_manager.experience_template)
+                           experience_template=cfg.exp_manager.experience_template,
+                           expert=self._expert() if relabel else None)
         episodes, meta = [], {}
         for i, game in enumerate(games):
             for j in range(n):
@@ -208,6 +210,8 @@ class RayTrainer(SelfEvolvingLoop):
                                                                   cfg.env.reward.format_penalty)})
             lengths = np.array([policy.response_length(eid) for eid, _ in episodes])
             self._shape_rewards(rows, lengths)
+            if relabel:
+                rows += self._dagger_rows(policy, rows)
             return policy.to_batch(rows)
 
     def _shape_rewards(self, rows: list[dict], lengths: np.ndarray) -> None:
@@ -237,10 +241,10 @@ class RayTrainer(SelfEvolvingLoop):
         while num_groups < cfg.data.train_batch_size and gen_batches < max_batches:
             sampling = SamplingParams.from_rollout_config(roll, n=1, seed=self._seed(self.global_step, gen_batches))
             games, tag = self._draw_games(timings), f"s{self.global_step}g{gen_batches}"
-            batch = self.rollout(games, roll.n, sampling, tag, timings)
+            batch = self.rollout(games, roll.n, sampling, tag, timings, relabel=cfg.exp_manager.dagger.enable)
             gen_batches += 1
             batch.require("finish_reason", "uid", "won" if ds.metric == "acc" else "score")
-            generated.append(batch)
+            generated.append(batch.select(~batch.ids["exp_replayed"]))  # what the policy played
             # a crashed env is not the policy's doing: such episodes are counted, never trained on
             batch = batch.select(batch.ids["finish_reason"] != "env_error")
             batch = self._replay_successes(batch, replay_stats, games, tag, timings)

@@ -340,6 +340,8 @@ SCHEMA: dict[str, Check] = {
     "exp_manager.replay.max_per_task": POS_INT,
     "exp_manager.replay.match": OneOf(REPLAY_MATCH),
     "exp_manager.replay.teacher": Optional(OneOf(TEACHERS), "no teacher episodes"),
+    "exp_manager.dagger.enable": Bool(),
+    "exp_manager.dagger.max_per_group": POS_INT,
     "env.alfworld.data_dir": Optional(Str("a folder holding json_2.1.1/"), "$ALFWORLD_DATA"),
     "env.alfworld.train_split": Str("a folder under json_2.1.1/"),
     "env.alfworld.val_split": Str("a folder under json_2.1.1/"),
@@ -515,12 +517,23 @@ def replay_teacher_needs_replay(cfg: DictConfig) -> None:
              "teacher's tokens have no sampler log-probs, so their old log-probs must come from the actor")
 
 
+def dagger_needs_step_mode(cfg: DictConfig) -> None:
+    """The expert labels turns (step-mode rows); its tokens have no sampler log-probs (bypass_mode reads them)."""
+    if not cfg.exp_manager.dagger.enable:
+        return
+    if cfg.env.rollout_mode != "step":
+        fail("exp_manager.dagger.enable", True, "needs env.rollout_mode=step: the expert relabels single turns")
+    if cfg.algorithm.rollout_correction.bypass_mode:
+        fail("exp_manager.dagger.enable", True, "needs algorithm.rollout_correction.bypass_mode=false: the "
+             "expert's tokens have no sampler log-probs, so their old log-probs must come from the actor")
+
+
 def imitation_needs_off_policy_tokens(cfg: DictConfig) -> None:
     """The self-imitation term reads exp_mask: without replay or guided rollouts it would do nothing."""
     e, coef = cfg.exp_manager, cfg.actor_rollout_ref.actor.imitation_coef
-    if coef and not e.replay.enable and e.train_rollout_expmode == "woexp":
-        fail("actor_rollout_ref.actor.imitation_coef", coef, "needs off-policy tokens: exp_manager.replay.enable=true "
-             "or exp_manager.train_rollout_expmode=mixed|all (or 0)")
+    if coef and not e.replay.enable and not e.dagger.enable and e.train_rollout_expmode == "woexp":
+        fail("actor_rollout_ref.actor.imitation_coef", coef, "needs off-policy tokens: exp_manager.replay.enable=true, "
+             "exp_manager.dagger.enable=true or exp_manager.train_rollout_expmode=mixed|all (or 0)")
 
 
 def trainer_syncs_vllm_in_place(cfg: DictConfig) -> None:
@@ -534,7 +547,8 @@ def trainer_syncs_vllm_in_place(cfg: DictConfig) -> None:
 
 RULES: tuple[Callable[[DictConfig], None], ...] = (
     task_gen_levels_are_ranges, generated_tasks_need_steps, curriculum_needs_generated_tasks,
-    experience_template_can_be_stripped, replay_teacher_needs_replay, imitation_needs_off_policy_tokens,
+    experience_template_can_be_stripped, replay_teacher_needs_replay, dagger_needs_step_mode,
+    imitation_needs_off_policy_tokens,
     step_estimator_needs_step_mode, group_estimator_needs_a_group, mini_batch_divides_rows,
     micro_batch_fits_mini_batch, trajectory_mode_keeps_all_history, step_mode_has_no_kl_in_reward,
     overlong_buffer_fits_response, policy_loss_settings_agree, rollout_correction_bounds_and_bypass,

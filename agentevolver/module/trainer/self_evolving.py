@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from agentevolver.alfworld.data import GameSpec, problem_keys
@@ -21,6 +22,7 @@ from agentevolver.protocol import Batch
 from agentevolver.workers.rollout.base import SamplingParams
 
 REPLAY_FILE = "experience_replay.pt"  # in a checkpoint's step folder: the stored successful episodes
+DAGGER_SUFFIX = "~dagger"  # episode id of the expert relabelling of episode <id>: <id>~dagger
 
 
 class SelfEvolvingLoop:
@@ -67,6 +69,34 @@ class SelfEvolvingLoop:
         stats["rows"] += rows
         return batch
 
+    @staticmethod
+    def _expert():
+        """view -> the state-aware expert's command for the view's state (exp_manager.dagger)."""
+        from agentevolver.alfworld.expert import expert_command
+
+        return lambda view: expert_command(view.info.get("walkthrough") or [], view.history, view.observation,
+                                           view.admissible)
+
+    def _dagger_rows(self, policy, rows: list[dict]) -> list[dict]:
+        """Episode rows of the expert relabelling of up to dagger.max_per_group failed episodes per group:
+        scored as a success (the expert's command in every state the policy reached), exp_replayed."""
+        per_group: dict[str, int] = {}
+        out = []
+        for row in rows:
+            if row["won"] or row["finish_reason"] == "env_error":
+                continue
+            if per_group.get(row["uid"], 0) >= self.cfg.exp_manager.dagger.max_per_group:
+                continue
+            new_id = row["traj_id"] + DAGGER_SUFFIX
+            turns = policy.relabel(row["traj_id"], new_id)
+            if not turns:
+                continue
+            per_group[row["uid"]] = per_group.get(row["uid"], 0) + 1
+            out.append(row | {"traj_id": new_id, "exp_replayed": True, "finish_reason": "dagger", "won": True,
+                              "steps": turns, "format_errors": 0, "invalid_actions": 0, "projected_actions": 0,
+                              "reward": float(self.cfg.env.reward.success)})
+        return out
+
     def _self_evolving_metrics(self, all_rows: Batch, batch: Batch, replay_stats: dict,
                                timings: dict[str, float]) -> dict:
         """End of a step's generation: curriculum counts, replay store, pool update; their metrics."""
@@ -78,9 +108,17 @@ class SelfEvolvingLoop:
             self.task_source.observe(episodes.ids["task_id"].tolist(), episodes.ids["task_type"].tolist(),
                                      episodes.ids["won"].tolist())
             out |= self.task_source.metrics()
+        e = self.cfg.exp_manager
+        if self.exp is None and not e.dagger.enable:
+            return out
+        dagger = np.char.endswith(batch.ids["episode_id"].astype(str), DAGGER_SUFFIX) if len(batch) else np.zeros(0, bool)
+        out["experience/injected_rows"] = int(batch.ids["exp_guided"].sum()) if len(batch) else 0
+        out["experience/off_policy_rows"] = int((batch["exp_mask"].sum(-1) > 0).sum()) if len(batch) else 0
+        out["experience/replayed_rows"] = int((batch.ids["exp_replayed"] & ~dagger).sum()) if len(batch) else 0
+        if e.dagger.enable:
+            out["experience/dagger_rows"] = int(dagger.sum())
         if self.exp is None:
             return out
-        e = self.cfg.exp_manager
         with timer("experience", timings):
             if self.exp.replay is not None:
                 self.exp.replay.add_successes(all_rows.select(all_rows.ids["finish_reason"] != "env_error"))
@@ -90,9 +128,6 @@ class SelfEvolvingLoop:
                 out["experience/added"] = self.exp.add(self._step_records, self.global_step + 1, ctx)
         self._step_records = []
         out |= self.exp.metrics()
-        out["experience/injected_rows"] = int(batch.ids["exp_guided"].sum()) if len(batch) else 0
-        out["experience/off_policy_rows"] = int((batch["exp_mask"].sum(-1) > 0).sum()) if len(batch) else 0
-        out["experience/replayed_rows"] = int(batch.ids["exp_replayed"].sum()) if len(batch) else 0
         out["experience/replaced_rows_generated"] = replay_stats["rows"]
         if e.replay.enable and e.replay.teacher is not None:
             out["experience/teacher_episodes"] = replay_stats["teacher_episodes"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from agentevolver.alfworld.agent import TurnView, build_messages
+from agentevolver.alfworld.agent import TurnView, accepted_actions, build_messages
 from agentevolver.module.agent_flow.llm_policy import LLMPolicy
 from agentevolver.module.exp_manager.experience import (
     EpisodeRecord,
@@ -30,7 +30,6 @@ from agentevolver.module.exp_manager.het_core_algos import (
     count_tokens_and_seqs,
     dapo_compute_policy_loss,
 )
-from agentevolver.module.exp_manager.manager import accepted_actions
 from agentevolver.module.exp_manager.replay import SuccessReplay
 from agentevolver.module.trainer.task_source import Curriculum, success_pq_weights
 from agentevolver.workers.rollout.base import GenOutput, SamplingParams

@@ -92,3 +92,24 @@ def test_teacher_replay_on_fresh_games(tiny_model_dir, val_data, tmp_path):
         assert "actor/pg_loss_off" in row
     made = [p for p in (out / "generated_tasks").rglob("trial_*")]
     assert made and not problem_keys(made) & problem_keys(p for p in val_data.rglob("trial_*"))
+
+
+def test_dagger_relabels_failed_episodes(tiny_model_dir, val_data, tmp_path):
+    """exp_manager.dagger: every failed episode (the untrained tiny model fails them all) also gives an episode
+    of the expert's commands in its own states: exp_mask = 1 rows that keep all-failed groups in the batch,
+    never counted as played (train/success_rate, generated tokens)."""
+    out = tmp_path / "dagger"
+    run(small_overrides(tiny_model_dir, val_data, out) + [
+        "trainer.total_training_steps=2", "trainer.save_freq=2", "trainer.test_freq=2", "trainer.export_hf=false",
+        "data.task_source=generated", "exp_manager.dagger.enable=true", "exp_manager.dagger.max_per_group=2",
+        "algorithm.dapo.dynamic_sampling.enable=true", "data.task_gen.receptacles=[[3,3]]",
+        "data.task_gen.distractors=[[0,0]]", "data.task_gen.closed_fraction=[0.0]"])
+    rows = read_metrics(out)
+    for step in (1, 2):
+        row = rows[step]
+        assert row["train/success_rate"] == 0.0
+        assert row["experience/dagger_rows"] > 0 and row["experience/off_policy_rows"] == row["experience/dagger_rows"]
+        assert row["experience/replayed_rows"] == 0
+        # every group failed, yet its 2 relabelled episodes give it a signal: dynamic sampling keeps it
+        assert row["dynamic_sampling/kept_groups"] == 2 and row["dynamic_sampling/num_gen_batches"] == 1
+        assert "actor/pg_loss_off" in row

@@ -1,0 +1,142 @@
+"""A state-aware expert for ALFWorld games: the next command from ANY state an agent has reached.
+
+The planner walkthrough stored in a game file only wins from the start state. DAgger-style relabelling
+(`exp_manager.dagger`) needs the expert's command in the states the *policy* visits, so this expert
+replays the episode's accepted commands on a small abstract state (where the agent is, what it holds,
+where each object of the task lies, which object was cleaned / heated / cooled, whether the lamp is on)
+and plans from there with the walkthrough's own pieces: its objects, their receptacles, the
+appliance of each treatment, the goal receptacle and its put-command wording.
+
+    expert_command(walkthrough, history, observation, admissible) -> "go to fridge 1" | None
+
+None when the expert cannot tell (a command it needs is not admissible, or the walkthrough has a
+shape it does not know): the caller then has no label for that turn. Pure and deterministic; the
+real-engine test plays random prefixes of every task type and then this expert, and it must win.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from agentevolver.alfworld.agent import accepted_actions
+
+_GO = re.compile(r"^go to (.+)$")
+_TAKE = re.compile(r"^take (.+) from (.+)$")
+_PUT = re.compile(r"^(?:move (.+) to (.+)|put (.+) in/on (.+))$")
+_TREAT = re.compile(r"^(clean|heat|cool) (.+) with (.+)$")
+_USE = re.compile(r"^use (.+)$")
+_OPEN = re.compile(r"^open (.+)$")
+
+
+@dataclass
+class _Plan:
+    """What the walkthrough says must happen, object by object (objects in the order it takes them)."""
+
+    objects: list[str] = field(default_factory=list)
+    start: dict[str, str] = field(default_factory=dict)                     # object -> receptacle it starts in
+    treatments: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # object -> [(verb, appliance)]
+    goal: dict[str, str] = field(default_factory=dict)                      # object -> goal receptacle
+    lamp: tuple[str, str] | None = None                                     # (lamp, its receptacle)
+    put_template: str = "move {o} to {r}"
+
+
+def _parse_plan(walkthrough: Sequence[str]) -> _Plan | None:
+    plan, here = _Plan(), None
+    for cmd in walkthrough:
+        cmd = cmd.strip()
+        if m := _GO.match(cmd):
+            here = m.group(1)
+        elif m := _TAKE.match(cmd):
+            o, r = m.groups()
+            plan.objects.append(o)
+            plan.start[o], plan.treatments[o] = r, []
+        elif m := _PUT.match(cmd):
+            o, r = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            plan.goal[o] = r
+            plan.put_template = "move {o} to {r}" if m.group(1) else "put {o} in/on {r}"
+        elif m := _TREAT.match(cmd):
+            verb, o, r = m.groups()
+            plan.treatments.setdefault(o, []).append((verb, r))
+        elif m := _USE.match(cmd):
+            if here is None:
+                return None
+            plan.lamp = (m.group(1), here)
+        elif not _OPEN.match(cmd) and not cmd.startswith("close "):
+            return None  # a command shape this expert does not plan with
+    if not plan.objects or (plan.lamp is None and set(plan.goal) != set(plan.objects)):
+        return None
+    return plan
+
+
+@dataclass
+class _State:
+    at: str | None = None
+    holding: str | None = None
+    where: dict[str, str] = field(default_factory=dict)    # object -> receptacle (absent while held)
+    done: dict[str, set[str]] = field(default_factory=dict)  # object -> treatments applied
+    lamp_on: bool = False
+
+
+def _replay(plan: _Plan, commands: Sequence[str]) -> _State:
+    s = _State(where=dict(plan.start), done={o: set() for o in plan.objects})
+    for cmd in commands:
+        if m := _GO.match(cmd):
+            s.at = m.group(1)
+        elif m := _TAKE.match(cmd):
+            s.holding = m.group(1)
+            s.where.pop(s.holding, None)
+        elif m := _PUT.match(cmd):
+            o, r = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            s.holding = None
+            s.where[o] = r
+        elif m := _TREAT.match(cmd):
+            s.done.setdefault(m.group(2), set()).add(m.group(1))
+        elif _USE.match(cmd):
+            s.lamp_on = True
+    return s
+
+
+def _next(plan: _Plan, s: _State) -> tuple[str, str] | None:
+    """(receptacle to be at, command to give there); None when every goal already holds."""
+    def put_down() -> tuple[str, str]:
+        return s.at or "", plan.put_template.format(o=s.holding, r=s.at)
+
+    if plan.lamp is not None:  # look at an object under the lamp: hold it, then switch the lamp on
+        o = plan.objects[0]
+        if s.holding != o:
+            return put_down() if s.holding is not None else (s.where[o], f"take {o} from {s.where[o]}")
+        return plan.lamp[1], f"use {plan.lamp[0]}"
+    for o in plan.objects:
+        finished = s.where.get(o) == plan.goal[o] and all(v in s.done[o] for v, _ in plan.treatments[o])
+        if finished:
+            continue
+        if s.holding != o:
+            if s.holding is not None:
+                return put_down()
+            return s.where[o], f"take {o} from {s.where[o]}"
+        for verb, appliance in plan.treatments[o]:
+            if verb not in s.done[o]:
+                return appliance, f"{verb} {o} with {appliance}"
+        return plan.goal[o], plan.put_template.format(o=o, r=plan.goal[o])
+    return None
+
+
+def expert_command(walkthrough: Sequence[str], history: Sequence[tuple[str, str]], observation: str,
+                   admissible: Sequence[str]) -> str | None:
+    """The expert's next command after `history` ((observation, command) pairs), or None (see module doc)."""
+    plan = _parse_plan(walkthrough)
+    if plan is None:
+        return None
+    state = _replay(plan, accepted_actions(history, observation))
+    step = _next(plan, state)
+    if step is None:
+        return None
+    where, command = step
+    if where and state.at != where:
+        command = f"go to {where}"
+    if command in admissible:
+        return command
+    if where and state.at == where and f"open {where}" in admissible:  # a closed receptacle: open it first
+        return f"open {where}"
+    return None
