@@ -177,6 +177,44 @@ def test_exp_mask_exactly_on_discarded_guided_rows(tokenizer, mode):
     assert batch.ids["exp_guided"].tolist() == [e in plan for e in eid.tolist()]
 
 
+def test_dagger_relabel_rows_answer_the_turns_prompts_with_the_expert(tokenizer):
+    engine = FixedEngine(tokenizer)
+    expert = {0: "take apple 1 from fridge 1", 1: None, 2: "go to sinkbasin 1"}  # turn 1: the expert cannot tell
+    policy = LLMPolicy(tokenizer, engine, SamplingParams(max_tokens=16), 1024, 512, mode="step", history_window=2,
+                       expert=lambda v: expert[v.step])
+    views = [TurnView(e, "put a clean apple in fridge.", "You are in a room.", ["go to fridge 1"], [], 0, {})
+             for e in ("e0", "e1")]
+    for t in range(3):
+        policy.act(views)
+        for v in views:
+            v.history = v.history + [(v.observation, "go to fridge 1")]
+            v.observation, v.step = f"observation {t + 1}", t + 1
+    assert policy.relabel("e0", "e0~dagger") == 2 and policy.relabel("nobody", "x") == 0
+    rows = [{"traj_id": e, "uid": "g", "task_id": "t", "task_type": "x", "reward": r, "won": bool(r),
+             "exp_replayed": e.endswith("~dagger"), "finish_reason": "dagger" if r else "max_steps", "steps": 3,
+             "format_errors": 0, "invalid_actions": 0, "projected_actions": 0}
+            for e, r in (("e0", 0.0), ("e1", 0.0), ("e0~dagger", 1.0))]
+    batch = policy.to_batch(rows)
+    dagger = batch.ids["episode_id"] == "e0~dagger"
+    assert dagger.sum() == 2 and batch.ids["is_last"][dagger].tolist() == [False, True]
+    assert torch.equal(batch["exp_mask"], batch["response_mask"] * torch.as_tensor(dagger)[:, None].float())
+    assert batch.ids["turn"][dagger].tolist() == [0, 1]
+
+    def prompt(i):
+        return batch["prompts"][i][batch["prompt_attention_mask"][i].bool()].tolist()
+
+    def response(i):
+        return tokenizer.decode(batch["responses"][i][batch["response_mask"][i].bool()].tolist(),
+                                skip_special_tokens=True)
+
+    source = {t: i for i, (e, t) in enumerate(zip(batch.ids["episode_id"], batch.ids["turn"])) if e == "e0"}
+    relabelled = np.flatnonzero(dagger)
+    for i, turn in zip(relabelled, (0, 2)):  # the turns the expert labelled, under exactly their prompts
+        assert prompt(i) == prompt(source[turn])
+        assert response(i) == f"<action>{expert[turn]}</action>"
+    assert (batch["token_level_rewards"][relabelled].sum(-1) == 1.0).all()
+
+
 def test_replay_marks_replayed_rows_and_joins_the_group(tokenizer):
     won, _ = _play(tokenizer, "step", None, eids=("a0",))
     replay = SuccessReplay(max_tasks=4, max_per_task=2)
@@ -358,6 +396,8 @@ def test_llm_summariser_runs_on_the_tiny_model(tiny_model_dir, tokenizer):
     ("exp_manager.rollout_expratio", 1.5, "<= 1"),
     ("actor_rollout_ref.actor.imitation_coef", 0.5, "needs off-policy tokens: exp_manager.replay.enable=true"),
     ("actor_rollout_ref.actor.imitation_coef", -1, ">= 0"),
+    ("exp_manager.dagger.enable", True, "needs env.rollout_mode=step"),
+    ("exp_manager.dagger.max_per_group", 0, ">= 1"),
 ])
 def test_config_check_one_line(key, value, message):
     from agentevolver.module.trainer.config_check import ConfigError, check_values
