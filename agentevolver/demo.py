@@ -76,10 +76,9 @@ PRESETS["teacher_sil"] = PRESETS["teacher"] + ["actor_rollout_ref.actor.imitatio
 # more guidance: two teacher episodes for each group with at most two wins of 4
 PRESETS["teacher_k2"] = PRESETS["teacher"] + ["exp_manager.replay.max_replay_per_group=2",
                                               "exp_manager.replay.success_threshold=0.75"]
-# expert relabelling (DAgger, a branch from `fresh`): up to 2 failed episodes of each group also train on the
-# state-aware expert's command in every state the policy reached (exp_mask = 1, scored as a success)
-PRESETS["dagger"] = PRESETS["fresh"] + ["exp_manager.dagger.enable=true", "exp_manager.dagger.max_per_group=2",
-                                        "actor_rollout_ref.actor.off_cliprange_high=0.4"]
+# expert relabelling (DAgger, a branch from `fresh`): every failed episode also trains on the state-aware
+# expert's command in each state the policy reached (exp_mask = 1, scored as a success)
+PRESETS["dagger"] = PRESETS["fresh"] + ["exp_manager.dagger.enable=true", "actor_rollout_ref.actor.off_cliprange_high=0.4"]
 BOOTSTRAP_RESAMPLES = 10_000
 
 

@@ -5,7 +5,10 @@ The planner walkthrough stored in a game file only wins from the start state. DA
 replays the episode's accepted commands on a small abstract state (where the agent is, what it holds,
 where each object of the task lies, which object was cleaned / heated / cooled, whether the lamp is on)
 and plans from there with the walkthrough's own pieces: its objects, their receptacles, the
-appliance of each treatment, the goal receptacle and its put-command wording.
+appliance of each treatment, the goal receptacle and its put-command wording. It knows no more than the
+agent could: an object (or the lamp) no observation has named yet is searched for, receptacle by
+unvisited receptacle in admissible order, before the expert walks to it (the planner's walkthrough goes
+straight there, which a policy cannot learn from what it sees).
 
     expert_command(walkthrough, history, observation, admissible) -> "go to fridge 1" | None
 
@@ -76,20 +79,27 @@ class _State:
     where: dict[str, str] = field(default_factory=dict)    # object -> receptacle (absent while held)
     done: dict[str, set[str]] = field(default_factory=dict)  # object -> treatments applied
     lamp_on: bool = False
+    visited: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)  # objects named in an observation so far (the agent knows where)
 
 
-def _replay(plan: _Plan, commands: Sequence[str]) -> _State:
+def _replay(plan: _Plan, commands: Sequence[str], observations: Sequence[str] = ()) -> _State:
     s = _State(where=dict(plan.start), done={o: set() for o in plan.objects})
+    things = plan.objects + ([plan.lamp[0]] if plan.lamp else [])
+    s.seen = {o for o in things if any(re.search(rf"\b{re.escape(o)}\b", obs) for obs in observations)}
     for cmd in commands:
         if m := _GO.match(cmd):
             s.at = m.group(1)
+            s.visited.add(s.at)
         elif m := _TAKE.match(cmd):
             s.holding = m.group(1)
             s.where.pop(s.holding, None)
+            s.seen.add(s.holding)
         elif m := _PUT.match(cmd):
             o, r = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
             s.holding = None
             s.where[o] = r
+            s.seen.add(o)
         elif m := _TREAT.match(cmd):
             s.done.setdefault(m.group(2), set()).add(m.group(1))
         elif _USE.match(cmd):
@@ -97,16 +107,23 @@ def _replay(plan: _Plan, commands: Sequence[str]) -> _State:
     return s
 
 
-def _next(plan: _Plan, s: _State) -> tuple[str, str] | None:
-    """(receptacle to be at, command to give there); None when every goal already holds."""
+def _next(plan: _Plan, s: _State, explore: str | None) -> tuple[str, str] | None:
+    """(receptacle to be at, command to give there); None when every goal already holds. An object the
+    agent has not seen yet is searched for first (`explore`: the next unvisited receptacle), as an agent
+    without the planner's knowledge must; with nothing left to search, it goes where the object is."""
     def put_down() -> tuple[str, str]:
         return s.at or "", plan.put_template.format(o=s.holding, r=s.at)
 
+    def fetch(o: str) -> tuple[str, str]:
+        if o not in s.seen and explore is not None:
+            return explore, ""
+        return s.where[o], f"take {o} from {s.where[o]}"
+
     if plan.lamp is not None:  # look at an object under the lamp: hold it, then switch the lamp on
-        o = plan.objects[0]
+        o, (lamp, lamp_at) = plan.objects[0], plan.lamp
         if s.holding != o:
-            return put_down() if s.holding is not None else (s.where[o], f"take {o} from {s.where[o]}")
-        return plan.lamp[1], f"use {plan.lamp[0]}"
+            return put_down() if s.holding is not None else fetch(o)
+        return (explore, "") if lamp not in s.seen and explore is not None else (lamp_at, f"use {lamp}")
     for o in plan.objects:
         finished = s.where.get(o) == plan.goal[o] and all(v in s.done[o] for v, _ in plan.treatments[o])
         if finished:
@@ -114,7 +131,7 @@ def _next(plan: _Plan, s: _State) -> tuple[str, str] | None:
         if s.holding != o:
             if s.holding is not None:
                 return put_down()
-            return s.where[o], f"take {o} from {s.where[o]}"
+            return fetch(o)
         for verb, appliance in plan.treatments[o]:
             if verb not in s.done[o]:
                 return appliance, f"{verb} {o} with {appliance}"
@@ -128,8 +145,9 @@ def expert_command(walkthrough: Sequence[str], history: Sequence[tuple[str, str]
     plan = _parse_plan(walkthrough)
     if plan is None:
         return None
-    state = _replay(plan, accepted_actions(history, observation))
-    step = _next(plan, state)
+    state = _replay(plan, accepted_actions(history, observation), [o for o, _ in history] + [observation])
+    unvisited = [c[len("go to "):] for c in admissible if c.startswith("go to ") and c[len("go to "):] not in state.visited]
+    step = _next(plan, state, unvisited[0] if unvisited else None)
     if step is None:
         return None
     where, command = step

@@ -18,10 +18,12 @@ ADMISSIBLE = ["go to countertop 1", "go to sinkbasin 1", "go to fridge 1", "open
 
 
 def _history(commands: list[str], failed: set[int] = frozenset()) -> tuple[list[tuple[str, str]], str]:
-    """(observation, command) pairs whose next observation says whether the command was acted on."""
+    """(observation, command) pairs whose next observation says whether the command was acted on (the apple
+    and the mug are on countertop 1)."""
     obs = ["You are in the middle of a room."]
-    for i, _ in enumerate(commands):
-        obs.append(NOTHING_HAPPENS if i in failed else f"ok {i}")
+    for i, command in enumerate(commands):
+        seen = "On the countertop 1, you see a apple 1, and a mug 1." if command == "go to countertop 1" else f"ok {i}"
+        obs.append(NOTHING_HAPPENS if i in failed else seen)
     return list(zip(obs[:-1], commands)), obs[-1]
 
 
@@ -37,6 +39,18 @@ def _history(commands: list[str], failed: set[int] = frozenset()) -> tuple[list[
 def test_expert_plans_from_the_state_reached(done, expected):
     history, obs = _history(done)
     assert expert_command(CLEAN, history, obs, ADMISSIBLE) == expected
+
+
+def test_expert_searches_for_an_object_no_observation_has_named():
+    history = [("You are in the middle of a room.", "go to countertop 1")]
+    assert expert_command(CLEAN, history, "On the countertop 1, you see a mug 1.", ADMISSIBLE) == "go to sinkbasin 1"
+    assert expert_command(CLEAN, history, "On the countertop 1, you see a apple 1, and a mug 1.", ADMISSIBLE) == \
+        "take apple 1 from countertop 1"
+    history += [("On the countertop 1, you see a apple 1.", "go to sinkbasin 1")]  # seen once: remembered
+    assert expert_command(CLEAN, history, "On the sinkbasin 1, you see nothing.", ADMISSIBLE) == "go to countertop 1"
+    visited = [("You are in the middle of a room.", f"go to {r}") for r in ("countertop 1", "sinkbasin 1", "fridge 1")]
+    # nothing left to search (it must be inside something closed): go where it is
+    assert expert_command(CLEAN, visited, "The fridge 1 is closed.", ADMISSIBLE) == "go to countertop 1"
 
 
 def test_expert_ignores_commands_not_acted_on_and_opens_closed_receptacles():
