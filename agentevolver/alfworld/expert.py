@@ -139,18 +139,41 @@ def _next(plan: _Plan, s: _State, explore: str | None) -> tuple[str, str] | None
     return None
 
 
+def _sweep(at: str | None, admissible: Sequence[str]) -> str | None:
+    """The receptacle after `at` in name order, cyclically (the first one from nowhere): a search that
+    needs no memory beyond where the agent stands, so a policy seeing a short history can learn it."""
+    names = sorted({c[len("go to "):] for c in admissible if c.startswith("go to ")} | ({at} if at else set()))
+    if not names:
+        return None
+    return names[(names.index(at) + 1) % len(names)] if at in names else names[0]
+
+
 def expert_command(walkthrough: Sequence[str], history: Sequence[tuple[str, str]], observation: str,
-                   admissible: Sequence[str]) -> str | None:
-    """The expert's next command after `history` ((observation, command) pairs), or None (see module doc)."""
+                   admissible: Sequence[str], window: int | None = None) -> str | None:
+    """The expert's next command after `history` ((observation, command) pairs), or None (see module doc).
+
+    window: know only what a prompt with the last `window` turns shows (env.history_window): the physical
+    state (where the agent is, what it holds) still comes from the whole episode, as the admissible
+    commands reveal it, but a treatment or a sighting older than the window is forgotten: the expert then
+    treats again or searches again, the choice a policy reading that prompt can make."""
     plan = _parse_plan(walkthrough)
     if plan is None:
         return None
     state = _replay(plan, accepted_actions(history, observation), [o for o, _ in history] + [observation])
-    unvisited = [c[len("go to "):] for c in admissible if c.startswith("go to ") and c[len("go to "):] not in state.visited]
-    step = _next(plan, state, unvisited[0] if unvisited else None)
+    if window is not None:
+        shown = list(history)[max(0, len(history) - window):]
+        recent = _replay(plan, accepted_actions(shown, observation), [o for o, _ in shown] + [observation])
+        state.done, state.seen = recent.done, recent.seen | ({state.holding} if state.holding else set())
+        explore = _sweep(state.at, admissible)
+    else:
+        unvisited = [c[len("go to "):] for c in admissible if c.startswith("go to ") and c[len("go to "):] not in state.visited]
+        explore = unvisited[0] if unvisited else None
+    step = _next(plan, state, explore)
     if step is None:
         return None
     where, command = step
+    if not command and state.at and f"open {state.at}" in admissible:  # searching: look inside what is closed
+        return f"open {state.at}"
     if where and state.at != where:
         command = f"go to {where}"
     if command in admissible:

@@ -53,6 +53,22 @@ def test_expert_searches_for_an_object_no_observation_has_named():
     assert expert_command(CLEAN, visited, "The fridge 1 is closed.", ADMISSIBLE) == "go to countertop 1"
 
 
+def test_windowed_expert_forgets_what_the_prompt_no_longer_shows():
+    history, obs = _history(CLEAN[:5])  # cleaned 2 commands ago: inside a 2-turn window
+    assert expert_command(CLEAN, history, obs, ADMISSIBLE, window=2) == "move apple 1 to fridge 1"
+    history, obs = _history(CLEAN[:4] + ["go to countertop 1", "go to fridge 1"])  # the clean left the window
+    assert expert_command(CLEAN, history, obs, ADMISSIBLE) == "move apple 1 to fridge 1"
+    assert expert_command(CLEAN, history, obs, ADMISSIBLE, window=2) == "go to sinkbasin 1"  # clean it again
+    # a sighting older than the window is searched for again, sweeping receptacles in name order
+    history = [("You are in the middle of a room.", "go to countertop 1"),
+               ("On the countertop 1, you see a apple 1.", "go to sinkbasin 1"), ("ok", "go to fridge 1")]
+    rooms = [a for a in ADMISSIBLE if not a.startswith("open ")] + ["go to drawer 1"]
+    assert expert_command(CLEAN, history, "ok", rooms) == "go to countertop 1"
+    assert expert_command(CLEAN, history, "ok", rooms, window=2) == "go to countertop 1"  # still shown
+    assert expert_command(CLEAN, history, "ok", rooms, window=1) == "go to sinkbasin 1"  # the one after fridge 1
+    assert expert_command(CLEAN, history, "ok", rooms + ["open fridge 1"], window=1) == "open fridge 1"  # look inside
+
+
 def test_expert_ignores_commands_not_acted_on_and_opens_closed_receptacles():
     history, obs = _history(["go to countertop 1", "take apple 1 from countertop 1"], failed={1})
     assert expert_command(CLEAN, history, obs, ADMISSIBLE) == "take apple 1 from countertop 1"
@@ -71,15 +87,15 @@ def test_expert_ignores_commands_not_acted_on_and_opens_closed_receptacles():
 class RandomThenExpert:
     """A seeded random admissible prefix of 0..6 commands per episode, then the expert."""
 
-    def __init__(self, seed: int) -> None:
-        self.rng, self.prefix, self.unlabelled = random.Random(seed), {}, 0
+    def __init__(self, seed: int, window: int | None) -> None:
+        self.rng, self.prefix, self.unlabelled, self.window = random.Random(seed), {}, 0, window
 
     def act(self, views):
         out = []
         for v in views:
             k = self.prefix.setdefault(v.episode_id, self.rng.randint(0, 6))
             command = None if v.step < k else expert_command(v.info["walkthrough"], v.history, v.observation,
-                                                              v.admissible)
+                                                              v.admissible, window=self.window)
             if command is None:
                 self.unlabelled += v.step >= k
                 command = self.rng.choice(v.admissible)
@@ -88,7 +104,8 @@ class RandomThenExpert:
 
 
 @pytest.mark.slow
-def test_expert_wins_generated_games_from_random_states(tmp_path):
+@pytest.mark.parametrize("window", [None, 2])
+def test_expert_wins_generated_games_from_random_states(tmp_path, window):
     from agentevolver.alfworld.data import games_under
     from agentevolver.alfworld.generator import generate_games
     from agentevolver.alfworld.pool import EnvPool
@@ -100,7 +117,7 @@ def test_expert_wins_generated_games_from_random_states(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         pool = EnvPool(num_workers=2)
-        policy = RandomThenExpert(0)
+        policy = RandomThenExpert(0, window)
         episodes = [(f"e{i}-{j}", g) for i, g in enumerate(games) for j in range(3)]
         stats = run_episodes(pool, episodes, policy, max_steps=40)
         pool.shutdown()

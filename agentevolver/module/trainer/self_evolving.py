@@ -69,13 +69,14 @@ class SelfEvolvingLoop:
         stats["rows"] += rows
         return batch
 
-    @staticmethod
-    def _expert():
-        """view -> the state-aware expert's command for the view's state (exp_manager.dagger)."""
+    def _expert(self):
+        """view -> the state-aware expert's command for the view's state (exp_manager.dagger), knowing only
+        what the policy's prompt shows (env.history_window turns)."""
         from agentevolver.alfworld.expert import expert_command
 
+        window = self.cfg.env.history_window
         return lambda view: expert_command(view.info.get("walkthrough") or [], view.history, view.observation,
-                                           view.admissible)
+                                           view.admissible, window=window)
 
     def _dagger_rows(self, policy, rows: list[dict]) -> list[dict]:
         """Episode rows of the expert relabelling of up to dagger.max_per_group failed episodes per group:
