@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 # fixed first (it builds the shared warm start), then the full stack, then the rows between
-PRESETS=${PRESETS:-"fixed teacher replay fresh curriculum guided teacher_k2 teacher_sil"}
+PRESETS=${PRESETS:-"fixed teacher replay fresh curriculum guided teacher_k2 teacher_sil dagger"}
 seeds=("$@"); [ ${#seeds[@]} -gt 0 ] || seeds=(1 2)
 for seed in "${seeds[@]}"; do
   base=outputs/ablation/seed$seed

@@ -3,14 +3,14 @@
 The planner walkthrough stored in a game file only wins from the start state. DAgger-style relabelling
 (`exp_manager.dagger`) needs the expert's command in the states the *policy* visits, so this expert
 replays the episode's accepted commands on a small abstract state (where the agent is, what it holds,
-where each object of the task lies, which object was cleaned / heated / cooled, whether the lamp is on)
+where each object of the task lies, which object was cleaned / heated / cooled)
 and plans from there with the walkthrough's own pieces: its objects, their receptacles, the
 appliance of each treatment, the goal receptacle and its put-command wording. It knows no more than the
 agent could: an object (or the lamp) no observation has named yet is searched for, receptacle by
 unvisited receptacle in admissible order, before the expert walks to it (the planner's walkthrough goes
 straight there, which a policy cannot learn from what it sees).
 
-    expert_command(walkthrough, history, observation, admissible) -> "go to fridge 1" | None
+    expert_command(walkthrough, history, observation, admissible, window=None) -> "go to fridge 1" | None
 
 None when the expert cannot tell (a command it needs is not admissible, or the walkthrough has a
 shape it does not know): the caller then has no label for that turn. Pure and deterministic; the
@@ -30,6 +30,16 @@ _PUT = re.compile(r"^(?:move (.+) to (.+)|put (.+) in/on (.+))$")
 _TREAT = re.compile(r"^(clean|heat|cool) (.+) with (.+)$")
 _USE = re.compile(r"^use (.+)$")
 _OPEN = re.compile(r"^open (.+)$")
+
+
+def _put_args(m: re.Match) -> tuple[str, str]:
+    """(object, receptacle) of a _PUT match, either wording."""
+    return (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+
+
+def _go_targets(admissible: Sequence[str]) -> list[str]:
+    """The receptacles of the admissible `go to` commands, in admissible order."""
+    return [c[len("go to "):] for c in admissible if c.startswith("go to ")]
 
 
 @dataclass
@@ -55,7 +65,7 @@ def _parse_plan(walkthrough: Sequence[str]) -> _Plan | None:
             plan.objects.append(o)
             plan.start[o], plan.treatments[o] = r, []
         elif m := _PUT.match(cmd):
-            o, r = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            o, r = _put_args(m)
             plan.goal[o] = r
             plan.put_template = "move {o} to {r}" if m.group(1) else "put {o} in/on {r}"
         elif m := _TREAT.match(cmd):
@@ -78,7 +88,6 @@ class _State:
     holding: str | None = None
     where: dict[str, str] = field(default_factory=dict)    # object -> receptacle (absent while held)
     done: dict[str, set[str]] = field(default_factory=dict)  # object -> treatments applied
-    lamp_on: bool = False
     visited: set[str] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)  # objects named in an observation so far (the agent knows where)
 
@@ -96,14 +105,12 @@ def _replay(plan: _Plan, commands: Sequence[str], observations: Sequence[str] = 
             s.where.pop(s.holding, None)
             s.seen.add(s.holding)
         elif m := _PUT.match(cmd):
-            o, r = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            o, r = _put_args(m)
             s.holding = None
             s.where[o] = r
             s.seen.add(o)
         elif m := _TREAT.match(cmd):
             s.done.setdefault(m.group(2), set()).add(m.group(1))
-        elif _USE.match(cmd):
-            s.lamp_on = True
     return s
 
 
@@ -142,7 +149,7 @@ def _next(plan: _Plan, s: _State, explore: str | None) -> tuple[str, str] | None
 def _sweep(at: str | None, admissible: Sequence[str]) -> str | None:
     """The receptacle after `at` in name order, cyclically (the first one from nowhere): a search that
     needs no memory beyond where the agent stands, so a policy seeing a short history can learn it."""
-    names = sorted({c[len("go to "):] for c in admissible if c.startswith("go to ")} | ({at} if at else set()))
+    names = sorted(set(_go_targets(admissible)) | ({at} if at else set()))
     if not names:
         return None
     return names[(names.index(at) + 1) % len(names)] if at in names else names[0]
@@ -166,7 +173,7 @@ def expert_command(walkthrough: Sequence[str], history: Sequence[tuple[str, str]
         state.done, state.seen = recent.done, recent.seen | ({state.holding} if state.holding else set())
         explore = _sweep(state.at, admissible)
     else:
-        unvisited = [c[len("go to "):] for c in admissible if c.startswith("go to ") and c[len("go to "):] not in state.visited]
+        unvisited = [r for r in _go_targets(admissible) if r not in state.visited]
         explore = unvisited[0] if unvisited else None
     step = _next(plan, state, explore)
     if step is None:

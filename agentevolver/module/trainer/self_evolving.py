@@ -23,6 +23,7 @@ from agentevolver.workers.rollout.base import SamplingParams
 
 REPLAY_FILE = "experience_replay.pt"  # in a checkpoint's step folder: the stored successful episodes
 DAGGER_SUFFIX = "~dagger"  # episode id of the expert relabelling of episode <id>: <id>~dagger
+DAGGER_FINISH = "dagger"  # finish_reason of a relabelled episode: what tells its rows apart
 
 
 class SelfEvolvingLoop:
@@ -93,7 +94,7 @@ class SelfEvolvingLoop:
             if not turns:
                 continue
             per_group[row["uid"]] = per_group.get(row["uid"], 0) + 1
-            out.append(row | {"traj_id": new_id, "exp_replayed": True, "finish_reason": "dagger", "won": True,
+            out.append(row | {"traj_id": new_id, "exp_replayed": True, "finish_reason": DAGGER_FINISH, "won": True,
                               "steps": turns, "format_errors": 0, "invalid_actions": 0, "projected_actions": 0,
                               "reward": float(self.cfg.env.reward.success)})
         return out
@@ -112,7 +113,7 @@ class SelfEvolvingLoop:
         e = self.cfg.exp_manager
         if self.exp is None and not e.dagger.enable:
             return out
-        dagger = np.char.endswith(batch.ids["episode_id"].astype(str), DAGGER_SUFFIX) if len(batch) else np.zeros(0, bool)
+        dagger = batch.ids["finish_reason"] == DAGGER_FINISH if len(batch) else np.zeros(0, bool)
         out["experience/injected_rows"] = int(batch.ids["exp_guided"].sum()) if len(batch) else 0
         out["experience/off_policy_rows"] = int((batch["exp_mask"].sum(-1) > 0).sum()) if len(batch) else 0
         out["experience/replayed_rows"] = int((batch.ids["exp_replayed"] & ~dagger).sum()) if len(batch) else 0
