@@ -79,6 +79,9 @@ PRESETS["teacher_k2"] = PRESETS["teacher"] + ["exp_manager.replay.max_replay_per
 # expert relabelling (DAgger, a branch from `fresh`): every failed episode also trains on the state-aware
 # expert's command in each state the policy reached (exp_mask = 1, scored as a success)
 PRESETS["dagger"] = PRESETS["fresh"] + ["exp_manager.dagger.enable=true", "actor_rollout_ref.actor.off_cliprange_high=0.4"]
+# reward shaping on the fixed games: each turn whose command is not admissible (snapped by nearest projection or
+# not) costs 0.05, so a group's better rollouts are also the ones that read the room
+PRESETS["inadmissible"] = PRESETS["fixed"] + ["env.reward.inadmissible_penalty=0.05"]
 BOOTSTRAP_RESAMPLES = 10_000
 
 

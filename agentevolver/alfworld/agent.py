@@ -179,9 +179,12 @@ class EpisodeStats:
     error: str = ""
 
 
-def episode_reward(stats: EpisodeStats, success: float = 1.0, format_penalty: float = 0.0) -> float:
-    """r = success · won − format_penalty · format_errors (verl-agent uses success=10, penalty 0)."""
-    return success * float(stats.won) - format_penalty * stats.format_errors
+def episode_reward(stats: EpisodeStats, success: float = 1.0, format_penalty: float = 0.0,
+                   inadmissible_penalty: float = 0.0) -> float:
+    """r = success · won − format_penalty · format_errors − inadmissible_penalty · (invalid + projected actions)
+    (verl-agent uses success=10 and a penalty per turn without a valid <action>)."""
+    inadmissible = stats.invalid_actions + stats.projected_actions
+    return success * float(stats.won) - format_penalty * stats.format_errors - inadmissible_penalty * inadmissible
 
 
 @dataclass

@@ -74,6 +74,9 @@ def test_episode_reward():
     assert episode_reward(EpisodeStats(won=True, format_errors=2), success=10.0, format_penalty=0.5) == 9.0
     assert episode_reward(EpisodeStats(won=False)) == 0.0
     assert episode_reward(EpisodeStats(won=False, format_errors=3), format_penalty=0.1) == pytest.approx(-0.3)
+    # a snapped (projected) and an unsnappable (invalid) command each cost one inadmissible_penalty
+    stats = EpisodeStats(won=True, format_errors=1, invalid_actions=1, projected_actions=3)
+    assert episode_reward(stats, format_penalty=0.5, inadmissible_penalty=0.05) == pytest.approx(1.0 - 0.5 - 0.2)
 
 
 def test_nearest_admissible_snaps_near_misses_only():

@@ -207,7 +207,8 @@ class RayTrainer(SelfEvolvingLoop):
                                          "format_errors": st.format_errors, "invalid_actions": st.invalid_actions,
                                          "projected_actions": st.projected_actions,
                                          "reward": episode_reward(st, cfg.env.reward.success,
-                                                                  cfg.env.reward.format_penalty)})
+                                                                  cfg.env.reward.format_penalty,
+                                                                  cfg.env.reward.inadmissible_penalty)})
             lengths = np.array([policy.response_length(eid) for eid, _ in episodes])
             self._shape_rewards(rows, lengths)
             if relabel:

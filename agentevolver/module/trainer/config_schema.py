@@ -352,6 +352,7 @@ SCHEMA: dict[str, Check] = {
     "env.action_projection": OneOf(ACTION_PROJECTIONS),
     "env.reward.success": Num(),
     "env.reward.format_penalty": Num(min=0),
+    "env.reward.inadmissible_penalty": Num(min=0),
     "env.pool.num_workers": POS_INT,
     "env.pool.num_cpus_per_worker": Num(above=0),
     "env.pool.step_timeout_s": Num(above=0),
