@@ -2,7 +2,8 @@
 
 Same games, same action sequences (the stored walkthroughs of N real games, each played R times).
 Raw loop = what alfworld's own text env does per episode: one PddlEnv + AlfredDemangler + AlfredInfos,
-`load(game)` + `reset()` per episode, then the commands. Pool = all episodes reset in one batched
+`load(game)` + `reset()` per episode, then the commands, on TextWorld as shipped (textworld_speedups
+uninstalled for it). Engine loops = one in-process GameEngine with and without textworld_speedups. Pool = all episodes reset in one batched
 call and stepped in lockstep (one batched pool.step per turn), as the trainer does.
 Prints ONE JSON object (last stdout line).
 
@@ -21,7 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import ray
 
+from agentevolver.alfworld import textworld_speedups
 from agentevolver.alfworld.data import TASK_TYPES, GameSpec, list_games
+from agentevolver.alfworld.engine import GameEngine
 from agentevolver.alfworld.pool import EnvPool
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "alfworld"  # the real games beside the checkout
@@ -46,7 +49,35 @@ def walkthrough(game: GameSpec) -> list[str]:
         return json.load(f)["walkthrough"]
 
 
+def engine_loop(episodes: list[GameSpec], speedups: bool) -> dict:
+    """One GameEngine in this process (no Ray), with or without textworld_speedups."""
+    (textworld_speedups.install if speedups else textworld_speedups.uninstall)()
+    try:
+        engine, steps, won, reset_s = GameEngine(), 0, 0, 0.0
+        t0 = time.perf_counter()
+        for game in episodes:
+            t = time.perf_counter()
+            res = engine.reset(game.game_dir)
+            reset_s += time.perf_counter() - t
+            for command in walkthrough(game):
+                res = engine.step(command)
+                steps += 1
+            won += int(res.won)
+        total = time.perf_counter() - t0
+    finally:
+        textworld_speedups.install()
+    return {"steps": steps, "won": won, "time_s": total, "step_s": total - reset_s}
+
+
 def raw_loop(episodes: list[GameSpec]) -> dict:
+    textworld_speedups.uninstall()  # alfworld's env on TextWorld as shipped
+    try:
+        return _raw_loop(episodes)
+    finally:
+        textworld_speedups.install()
+
+
+def _raw_loop(episodes: list[GameSpec]) -> dict:
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
     from textworld.envs.pddl import PddlEnv
@@ -132,6 +163,7 @@ def main() -> None:
     games = pick_games(args.data, args.split, args.games)
     episodes = [g for g in games for _ in range(args.repeats)]  # a GRPO group = one game repeated
     raw = raw_loop(episodes)
+    plain, fast = engine_loop(episodes, speedups=False), engine_loop(episodes, speedups=True)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     pool = EnvPool(num_workers=args.workers)
@@ -148,6 +180,7 @@ def main() -> None:
     pool_sps = pooled["steps"] / pooled["time_s"]
     raw_sps = raw["steps"] / raw["time_s"]
     assert pooled["steps"] == raw["steps"] and pooled["won"] == raw["won"] == len(episodes), (pooled, raw)
+    assert plain["won"] == fast["won"] == len(episodes), (plain, fast)
     print(json.dumps({
         "episodes": len(episodes),
         "steps": raw["steps"],
@@ -157,6 +190,10 @@ def main() -> None:
         "ratio": round(pool_sps / raw_sps, 2),
         "pool_step_only_steps_per_s": round(pooled["steps"] / pooled["step_s"], 2),
         "raw_step_only_steps_per_s": round(raw["steps"] / raw["step_s"], 2),
+        "engine_step_only_steps_per_s": round(fast["steps"] / fast["step_s"], 2),
+        "engine_no_speedups_step_only_steps_per_s": round(plain["steps"] / plain["step_s"], 2),
+        "speedups_ratio_step_only": round(plain["step_s"] / fast["step_s"], 2),
+        "speedups_ratio_whole_episodes": round(plain["time_s"] / fast["time_s"], 2),
         "reset_s_mean": round(pooled["reset_s_mean"], 4),
         "raw_reset_s_mean": round(raw["reset_s_mean"], 4),
         "rss_mb_per_hosted_game": round(hosted, 2),
