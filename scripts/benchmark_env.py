@@ -3,8 +3,9 @@
 Same games, same action sequences (the stored walkthroughs of N real games, each played R times).
 Raw loop = what alfworld's own text env does per episode: one PddlEnv + AlfredDemangler + AlfredInfos,
 `load(game)` + `reset()` per episode, then the commands, on TextWorld as shipped (textworld_speedups
-uninstalled for it). Engine loops = one in-process GameEngine with and without textworld_speedups. Pool = all episodes reset in one batched
-call and stepped in lockstep (one batched pool.step per turn), as the trainer does.
+disabled for it). Engine loops = one in-process GameEngine with and without textworld_speedups.
+Pool = all episodes reset in one batched call and stepped in lockstep (one batched pool.step per
+turn), as the trainer does.
 Prints ONE JSON object (last stdout line).
 
     python scripts/benchmark_env.py [--data DIR] [--games 8] [--repeats 4] [--episodes 500]
@@ -12,6 +13,7 @@ Prints ONE JSON object (last stdout line).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -51,8 +53,7 @@ def walkthrough(game: GameSpec) -> list[str]:
 
 def engine_loop(episodes: list[GameSpec], speedups: bool) -> dict:
     """One GameEngine in this process (no Ray), with or without textworld_speedups."""
-    (textworld_speedups.install if speedups else textworld_speedups.uninstall)()
-    try:
+    with contextlib.nullcontext() if speedups else textworld_speedups.disabled():
         engine, steps, won, reset_s = GameEngine(), 0, 0, 0.0
         t0 = time.perf_counter()
         for game in episodes:
@@ -64,20 +65,11 @@ def engine_loop(episodes: list[GameSpec], speedups: bool) -> dict:
                 steps += 1
             won += int(res.won)
         total = time.perf_counter() - t0
-    finally:
-        textworld_speedups.install()
     return {"steps": steps, "won": won, "time_s": total, "step_s": total - reset_s}
 
 
+@textworld_speedups.disabled()  # alfworld's env on TextWorld as shipped
 def raw_loop(episodes: list[GameSpec]) -> dict:
-    textworld_speedups.uninstall()  # alfworld's env on TextWorld as shipped
-    try:
-        return _raw_loop(episodes)
-    finally:
-        textworld_speedups.install()
-
-
-def _raw_loop(episodes: list[GameSpec]) -> dict:
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
     from textworld.envs.pddl import PddlEnv

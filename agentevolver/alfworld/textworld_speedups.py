@@ -16,9 +16,10 @@ the same games with and without these and compares every observation and admissi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import textworld.logic as tw_logic
@@ -93,6 +94,16 @@ def uninstall() -> None:
     pddl_textgen._parse_and_convert = _ORIGINAL["textgen_parse"]
     tw_logic._parse_and_convert = _ORIGINAL["logic_parse"]
     pddl_textgen.copy_context = _ORIGINAL["copy_context"]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """TextWorld as shipped inside the block (the equivalence test and the benchmark's baseline)."""
+    uninstall()
+    try:
+        yield
+    finally:
+        install()
 
 
 def stats() -> dict[str, int]:

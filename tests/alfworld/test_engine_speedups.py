@@ -26,11 +26,8 @@ def _play(games: list[str], seed: int, turns: int) -> list[tuple[str, list[str],
 def test_same_text_with_and_without_speedups(shared_alfworld, gen_data):
     real = list_games(shared_alfworld, "valid_seen")
     games = [real[0].game_dir, real[-1].game_dir] + [g.game_dir for g in list_games(gen_data, "train")[:3]]
-    textworld_speedups.uninstall()
-    try:
+    with textworld_speedups.disabled():
         plain = _play(games, seed=3, turns=15)
-    finally:
-        textworld_speedups.install()
     hits = textworld_speedups.stats()["grammar_parse_hits"]
     fast = _play(games, seed=3, turns=15)
     assert fast == plain
