@@ -270,12 +270,13 @@ class RayTrainer(SelfEvolvingLoop):
 
     # ------------------------------------------------------------------ learning
     def _compute_old_log_prob(self, batch: Batch, metrics: dict) -> Batch:
-        """old_log_probs from the actor — or, in bypass_mode, the rollout's own (no forward pass) —
-        then rollout correction: IS weights and the rejection mask (`rollout_corr`)."""
+        """old_log_probs from the actor — or, in bypass_mode, the rollout's own (the actor's pass only over
+        the rows the sampler did not sample as trained) — then rollout correction: IS weights and the
+        rejection mask (`rollout_corr`)."""
         batch.require("response_mask", "rollout_log_probs")  # the actor's own inputs: het_actor checks them
         corr = self.cfg.algorithm.rollout_correction
         if corr.bypass_mode:  # π_old := π_rollout: the PPO ratio is taken against the sampler itself
-            return Batch(batch.tensors | {"old_log_probs": batch["rollout_log_probs"].clone()}, batch.ids, batch.meta)
+            return self._bypass_old_log_prob(batch, metrics)
         batch = batch.union(self.workers.compute_log_prob(batch))
         mask = batch["response_mask"]
         if "exp_mask" in batch:  # guided / replayed rows were sampled under another prompt or policy
@@ -286,6 +287,20 @@ class RayTrainer(SelfEvolvingLoop):
         metrics["rollout/log_probs_diff_mean"] = algos.masked_mean(
             (batch["old_log_probs"] - batch["rollout_log_probs"]).abs(), mask).item()
         return self._rollout_correction(batch, metrics)
+
+    def _bypass_old_log_prob(self, batch: Batch, metrics: dict) -> Batch:
+        """rollout_log_probs as old_log_probs, except on rows with exp_mask: their tokens were written by
+        a teacher, the expert or a replayed episode, or sampled under an experience-guided prompt, so the
+        sampler's log-probs (if any) are not π_old on the training prompt. Only those rows get the
+        actor's pass; rows are joined by traj_id."""
+        old = batch["rollout_log_probs"].clone()
+        need = batch["exp_mask"].bool().any(1) if "exp_mask" in batch else torch.zeros(len(batch), dtype=torch.bool)
+        metrics["rollout/bypass_recomputed_rows"] = int(need.sum())
+        if need.any():
+            rows = need.nonzero().squeeze(1).numpy()
+            sub = batch.select(rows)
+            old[need] = sub.union(self.workers.compute_log_prob(sub))["old_log_probs"]
+        return Batch(batch.tensors | {"old_log_probs": old}, batch.ids, batch.meta)
 
     def _rollout_correction(self, batch: Batch, metrics: dict) -> Batch:
         """rollout_corr/* metrics always; rollout_is_weights and the RS / veto mask when configured."""

@@ -509,24 +509,17 @@ def experience_template_can_be_stripped(cfg: DictConfig) -> None:
 
 
 def replay_teacher_needs_replay(cfg: DictConfig) -> None:
-    """Teacher episodes are replayed rows; their tokens have no sampler log-probs (bypass_mode reads them)."""
+    """Teacher episodes are replayed rows (exp_mask = 1: in bypass_mode the actor still computes their
+    old log-probs, since the sampler wrote none)."""
     r = cfg.exp_manager.replay
     if r.teacher is not None and not r.enable:
         fail("exp_manager.replay.teacher", r.teacher, "needs exp_manager.replay.enable=true (or null)")
-    if r.teacher is not None and r.enable and cfg.algorithm.rollout_correction.bypass_mode:
-        fail("exp_manager.replay.teacher", r.teacher, "needs algorithm.rollout_correction.bypass_mode=false: a "
-             "teacher's tokens have no sampler log-probs, so their old log-probs must come from the actor")
 
 
 def dagger_needs_step_mode(cfg: DictConfig) -> None:
-    """The expert labels turns (step-mode rows); its tokens have no sampler log-probs (bypass_mode reads them)."""
-    if not cfg.exp_manager.dagger.enable:
-        return
-    if cfg.env.rollout_mode != "step":
+    """The expert labels turns (step-mode rows, exp_mask = 1)."""
+    if cfg.exp_manager.dagger.enable and cfg.env.rollout_mode != "step":
         fail("exp_manager.dagger.enable", True, "needs env.rollout_mode=step: the expert relabels single turns")
-    if cfg.algorithm.rollout_correction.bypass_mode:
-        fail("exp_manager.dagger.enable", True, "needs algorithm.rollout_correction.bypass_mode=false: the "
-             "expert's tokens have no sampler log-probs, so their old log-probs must come from the actor")
 
 
 def imitation_needs_off_policy_tokens(cfg: DictConfig) -> None:

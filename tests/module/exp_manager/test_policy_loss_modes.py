@@ -363,23 +363,25 @@ class LogProbWorkers:
     """The one worker call this stage makes: old log-probs for the batch's rows (here: known values)."""
 
     def __init__(self, old):
-        self.old, self.calls = old, 0
+        self.old, self.calls, self.rows = old, 0, []
 
-    def compute_log_prob(self, batch):
+    def compute_log_prob(self, batch):  # answers in reversed row order: the trainer must join by traj_id
         self.calls += 1
-        return Batch({"old_log_probs": self.old}, {"traj_id": batch.ids["traj_id"]})
+        ids = batch.ids["traj_id"][::-1]
+        self.rows.append(sorted(int(t[1:]) for t in ids))
+        return Batch({"old_log_probs": self.old[[int(t[1:]) for t in ids]]}, {"traj_id": ids})
 
 
-def trainer_stage(overrides, old, rollout, mask):
+def trainer_stage(overrides, old, rollout, mask, exp_mask=None, workers=None):
     from omegaconf import OmegaConf
 
     from agentevolver.module.trainer.ae_ray_trainer import RayTrainer
 
     trainer = RayTrainer.__new__(RayTrainer)  # only the old-log-prob stage: no Ray, no workers started
     trainer.cfg = OmegaConf.merge(OmegaConf.load(REPO / "config" / "base.yaml"), OmegaConf.from_dotlist(overrides))
-    trainer.workers = LogProbWorkers(old)
-    batch = Batch({"rollout_log_probs": rollout, "response_mask": mask},
-                  {"traj_id": np.array([f"t{i}" for i in range(len(mask))])})
+    trainer.workers = workers or LogProbWorkers(old)
+    tensors = {"rollout_log_probs": rollout, "response_mask": mask} | ({} if exp_mask is None else {"exp_mask": exp_mask})
+    batch = Batch(tensors, {"traj_id": np.array([f"t{i}" for i in range(len(mask))])})
     metrics = {}
     return trainer._compute_old_log_prob(batch, metrics), metrics, trainer.workers.calls
 
@@ -399,3 +401,22 @@ def test_trainer_adds_weights_and_mask_and_bypass_skips_the_pass():
     out, metrics, calls = trainer_stage([f"{corr}.bypass_mode=true"], old, rollout, mask)
     assert calls == 0 and torch.equal(out["old_log_probs"], rollout) and torch.equal(out["response_mask"], mask)
     assert not any(k.startswith("rollout_corr/") for k in metrics)
+
+
+def test_bypass_recomputes_only_the_rows_with_exp_mask():
+    """Replayed / teacher / guided rows were not sampled by this policy on this prompt: in bypass_mode
+    only they get the actor's pass, and their old log-probs land on their own rows (joined by traj_id)."""
+    old, rollout, mask = rollout_batch(2)
+    exp_mask = torch.zeros_like(mask)
+    exp_mask[4] = mask[4]
+    exp_mask[6] = mask[6]
+    workers = LogProbWorkers(old)
+    out, metrics, calls = trainer_stage(["algorithm.rollout_correction.bypass_mode=true"], old, rollout, mask,
+                                        exp_mask, workers)
+    assert calls == 1 and workers.rows == [[4, 6]] and metrics["rollout/bypass_recomputed_rows"] == 2
+    expect = rollout.clone()
+    expect[[4, 6]] = old[[4, 6]]
+    assert torch.equal(out["old_log_probs"], expect) and torch.equal(out["response_mask"], mask)
+    out, metrics, calls = trainer_stage(["algorithm.rollout_correction.bypass_mode=true"], old, rollout, mask,
+                                        torch.zeros_like(mask))
+    assert calls == 0 and torch.equal(out["old_log_probs"], rollout) and metrics["rollout/bypass_recomputed_rows"] == 0
