@@ -94,7 +94,10 @@ def sc_misc(w, shard, args):
     gathered = [None] * w.world_size
     torch.distributed.all_gather_object(gathered, out)
     ref = w.compute_ref_log_prob(shard)["ref_log_prob"] - w.compute_log_prob(shard)["old_log_probs"]
-    res = {"logprob": Batch.concat(gathered), "before": w.get_full_state_dict(), "ref_vs_actor": ref.abs().max()}
+    # bypass_mode recomputes only the exp_mask rows: a rank may then hold none, and must still take part
+    lone = w.compute_log_prob(shard.select(np.arange(1 if w.rank == 0 else 0)))
+    res = {"logprob": Batch.concat(gathered), "before": w.get_full_state_dict(), "ref_vs_actor": ref.abs().max(),
+           "lone": lone}
     res["nan"] = w.update_actor(args["bad"].chunk(w.world_size)[w.rank])
     res["after"] = w.get_full_state_dict()
     res["good"] = w.update_actor(shard)  # the run goes on
@@ -248,6 +251,10 @@ def test_actor_log_probs_match_a_plain_hf_forward(model_dir, misc):
 
     batch, res = misc
     got = res["logprob"].align_to(batch)
+    lone = res["lone"]  # rank 0's one row while rank 1 held none
+    assert len(lone) == 1
+    torch.testing.assert_close(lone["old_log_probs"], got.select([list(batch.ids["traj_id"]).index(
+        lone.ids["traj_id"][0])])["old_log_probs"], rtol=0, atol=1e-5)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     full = with_model_inputs(batch)
     worst = 0.0
