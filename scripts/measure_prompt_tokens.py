@@ -29,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-detours", type=int, default=2)
     ap.add_argument("--tokenizer", default=str(REPO / "models" / "tiny-qwen2"))
     args = ap.parse_args(argv)
+    games = sorted(Path(args.games_dir).rglob(GAME_FILE))[: args.games]
+    if not games:
+        print(f"error: no {GAME_FILE} below {args.games_dir}", file=sys.stderr)
+        return 2
+    if not (Path(args.tokenizer) / "tokenizer_config.json").is_file():
+        print(f"error: --tokenizer {args.tokenizer}: no tokenizer_config.json there (make tiny-model builds it)",
+              file=sys.stderr)
+        return 2
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -37,10 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
         return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    games = sorted(Path(args.games_dir).rglob(GAME_FILE))[: args.games]
-    if not games:
-        print(f"error: no {GAME_FILE} below {args.games_dir}", file=sys.stderr)
-        return 2
     engine, total, system, history, rows = GameEngine(), 0, 0, 0, 0
     for game in games:
         r = engine.reset(game)

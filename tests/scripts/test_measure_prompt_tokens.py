@@ -28,3 +28,7 @@ def test_prompt_token_shares(gen_data, tiny_model_dir) -> None:
     missing = subprocess.run([sys.executable, "scripts/measure_prompt_tokens.py", str(gen_data / "nowhere")],
                              cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: no game.tw-pddl below")
+    no_tokenizer = subprocess.run([sys.executable, "scripts/measure_prompt_tokens.py", str(gen_data),
+                                   "--tokenizer", str(gen_data / "nowhere")], cwd=REPO, capture_output=True,
+                                  text=True, timeout=120, check=False)
+    assert no_tokenizer.returncode == 2 and "no tokenizer_config.json there" in no_tokenizer.stderr
