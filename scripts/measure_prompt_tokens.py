@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agentevolver.alfworld.agent import build_messages
+from agentevolver.alfworld.agent import TurnView, build_messages
 from agentevolver.alfworld.data import GAME_FILE
 from agentevolver.alfworld.engine import GameEngine
+from agentevolver.alfworld.play import WalkthroughPolicy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,23 +46,23 @@ def main(argv: list[str] | None = None) -> int:
         return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     engine, total, system, history, rows = GameEngine(), 0, 0, 0, 0
+    teacher = WalkthroughPolicy(seed=0, max_detours=args.max_detours)  # the SFT explore teacher's plans
     for game in games:
         r = engine.reset(game)
-        walkthrough, rng = list(r.info["walkthrough"]), random.Random(str(game))
-        others = sorted(a for a in r.admissible if a.startswith("go to ") and a not in walkthrough)
-        plan = rng.sample(others, rng.randint(0, min(args.max_detours, len(others)))) + walkthrough
         seen: list[tuple[str, str]] = []
         observation, admissible = r.observation, r.admissible
-        for action in plan:
+        for step in range(64):
+            view = TurnView(str(game), r.info["task"], observation, admissible, list(seen), step, r.info)
             messages = build_messages(r.info["task"], observation, admissible, seen, args.history_window)
             n = count(messages)
             total, rows = total + n, rows + 1
             system += count(messages[:1], generation_prompt=False)
             history += n - count(build_messages(r.info["task"], observation, admissible, [], args.history_window))
+            action = teacher.action(view)
             seen.append((observation, action))
-            step = engine.step(action)
-            observation, admissible = step.observation, step.admissible
-            if step.done:
+            result = engine.step(action)
+            observation, admissible = result.observation, result.admissible
+            if result.done:
                 break
     print(json.dumps({"games": len(games), "rows": rows, "prompt_tokens_mean": round(total / rows, 1),
                       "system_tokens_mean": round(system / rows, 1), "system_share": round(system / total, 3),
