@@ -26,7 +26,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
-from agentevolver.alfworld.agent import PolicyOutput, TurnView, parse_action, run_episodes
+from agentevolver.alfworld.agent import PolicyOutput, TurnView, parse_action, run_episodes, system_prompt
 from agentevolver.alfworld.data import detect_command_wording, list_games
 from agentevolver.alfworld.pool import EnvPool
 from agentevolver.main_ppo import CONFIG_DIR
@@ -73,7 +73,7 @@ def main() -> None:
     engine = HFRolloutEngine(args.model, rollout, "cpu", torch.float32)
     llm = LLMPolicy(AutoTokenizer.from_pretrained(args.model), engine.generate,
                     SamplingParams.from_rollout_config(rollout, validate=True), cfg.data.max_prompt_length,
-                    cfg.data.max_response_length, wording=detect_command_wording(games),
+                    cfg.data.max_response_length, system=system_prompt(detect_command_wording(games), cfg.env.system_prompt),
                     mode=cfg.env.rollout_mode, history_window=cfg.env.history_window)
     policy = GoToCounter(llm)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

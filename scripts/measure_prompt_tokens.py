@@ -4,6 +4,7 @@ with the chat template. Prints one JSON object: mean prompt tokens a row, and th
 history's shares. Every model pass (generation prefill, update, SFT) runs over whole prompts.
 
     python scripts/measure_prompt_tokens.py outputs/demo/data/json_2.1.1/train [--games 40] [--history-window 2]
+        [--system-prompt full|brief]
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agentevolver.alfworld.agent import TurnView, build_messages
-from agentevolver.alfworld.data import GAME_FILE
+from agentevolver.alfworld.agent import SYSTEM_PROMPT_STYLES, TurnView, build_messages, system_prompt
+from agentevolver.alfworld.data import GAME_FILE, detect_command_wording
 from agentevolver.alfworld.engine import GameEngine
 from agentevolver.alfworld.play import WalkthroughPolicy
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--games", type=int, default=40)
     ap.add_argument("--history-window", type=int, default=2)
     ap.add_argument("--max-detours", type=int, default=2)
+    ap.add_argument("--system-prompt", choices=SYSTEM_PROMPT_STYLES, default="full", help="env.system_prompt")
     ap.add_argument("--tokenizer", default=str(REPO / "models" / "tiny-qwen2"))
     args = ap.parse_args(argv)
     games = sorted(Path(args.games_dir).rglob(GAME_FILE))[: args.games]
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    system_message = system_prompt(detect_command_wording(games), args.system_prompt)
 
     def count(messages: list[dict], generation_prompt: bool = True) -> int:
         ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
@@ -53,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         observation, admissible = r.observation, r.admissible
         for step in range(64):
             view = TurnView(str(game), r.info["task"], observation, admissible, list(seen), step, r.info)
-            messages = build_messages(r.info["task"], observation, admissible, seen, args.history_window)
+            messages = build_messages(r.info["task"], observation, admissible, seen, args.history_window, system_message)
             n = count(messages)
             total, rows = total + n, rows + 1
             system += count(messages[:1], generation_prompt=False)
-            history += n - count(build_messages(r.info["task"], observation, admissible, [], args.history_window))
+            history += n - count(build_messages(r.info["task"], observation, admissible, [], args.history_window,
+                                                system_message))
             action = teacher.action(view)
             seen.append((observation, action))
             result = engine.step(action)

@@ -26,10 +26,20 @@ FORMAT_ERROR_OBSERVATION = (
 _EXAMPLE_PUT = {"move": "move apple 1 to countertop 1", "put": "put apple 1 in/on countertop 1"}
 
 
-def system_prompt(wording: str = "move") -> str:
+# env.system_prompt: `full` states the rules (what an instruction-tuned model reads); `brief` is the bare output
+# format, for the 1 M-parameter CPU model, which reads no instructions: its 110-token `full` message was 31 % of
+# every prompt, and so of every model pass (scripts/measure_prompt_tokens.py).
+SYSTEM_PROMPT_STYLES = ("full", "brief")
+
+
+def system_prompt(wording: str = "move", style: str = "full") -> str:
     """Rules of the game; `wording` = the data's put-command verb ('move' in 0.4 data, 'put' in 0.3)."""
     if wording not in _EXAMPLE_PUT:
         raise ValueError(f"unknown command wording {wording!r}; valid: {', '.join(_EXAMPLE_PUT)}")
+    if style not in SYSTEM_PROMPT_STYLES:
+        raise ValueError(f"unknown system prompt style {style!r}; valid: {', '.join(SYSTEM_PROMPT_STYLES)}")
+    if style == "brief":
+        return "Choose ONE admissible action and write it inside <action> </action>."
     return (
         "You are an expert agent operating in a household (ALFWorld). You are given a task, the current "
         "observation and the list of admissible actions. Each turn, first reason briefly inside "
@@ -62,13 +72,13 @@ def build_messages(
     admissible: Sequence[str],
     history: Sequence[tuple[str, str]],
     history_window: int | None = None,
-    wording: str = "move",
+    system: str = SYSTEM_PROMPT,
 ) -> list[dict[str, str]]:
     """[system, user] chat messages for one turn (step mode, verl-agent style).
 
     history: (observation, action) pairs of earlier turns, oldest first; all of them
     (`history_window=None`) or the last k. With an empty history the user message equals the first
-    user turn of trajectory mode.
+    user turn of trajectory mode. system: the system message (`system_prompt(wording, style)`).
     """
     if history_window is not None and history_window < 0:
         raise ValueError(f"history_window must be >= 0 or None, got {history_window}")
@@ -82,7 +92,7 @@ def build_messages(
         parts.append("\n".join(lines))
     parts.append(format_observation_turn(observation, admissible))
     return [
-        {"role": "system", "content": system_prompt(wording)},
+        {"role": "system", "content": system},
         {"role": "user", "content": "\n\n".join(parts)},
     ]
 

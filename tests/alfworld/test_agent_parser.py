@@ -68,6 +68,10 @@ def test_system_prompt_wording():
     assert "put apple 1 in/on countertop 1" in system_prompt("put")
     with pytest.raises(ValueError, match="valid: move, put"):
         system_prompt("place")
+    assert system_prompt("put", "brief") == system_prompt("move", "brief") == (
+        "Choose ONE admissible action and write it inside <action> </action>.")
+    with pytest.raises(ValueError, match="valid: full, brief"):
+        system_prompt("move", "short")
 
 
 def test_episode_reward():

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from agentevolver.alfworld.agent import PolicyOutput, TurnView, build_messages, format_observation_turn
+from agentevolver.alfworld.agent import (
+    SYSTEM_PROMPT,
+    PolicyOutput,
+    TurnView,
+    build_messages,
+    format_observation_turn,
+)
 from agentevolver.module.exp_manager.experience import inject_experience, strip_experience
 from agentevolver.protocol import Batch, rollout_batch
 from agentevolver.workers.rollout.base import GenOutput, SamplingParams
@@ -54,7 +60,7 @@ class ChatTurns:
     why_not: str = ""
 
 
-def chat_turns(tokenizer, wording: str = "move") -> ChatTurns:
+def chat_turns(tokenizer, system: str = SYSTEM_PROMPT) -> ChatTurns:
     """Derive ChatTurns from `tokenizer.apply_chat_template` on a probe conversation (see ChatTurns)."""
     def render(messages: list[dict[str, str]], gen: bool) -> str:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
@@ -63,7 +69,7 @@ def chat_turns(tokenizer, wording: str = "move") -> ChatTurns:
         return tokenizer.encode(text, add_special_tokens=False)
 
     task, obs, admissible = _PROBE_VIEW
-    first = build_messages(task, obs, admissible, history=[], wording=wording)
+    first = build_messages(task, obs, admissible, history=[], system=system)
     user_next = format_observation_turn(obs + " Again.", admissible)
     closed = render(first + [{"role": "assistant", "content": _PROBE_RESPONSE}], gen=False)
     at = closed.rfind(_PROBE_RESPONSE)
@@ -130,7 +136,7 @@ class LLMPolicy:
     """`agentevolver.alfworld.agent.Policy` backed by the rollout workers."""
 
     def __init__(self, tokenizer, generate_fn, sampling: SamplingParams, max_prompt_length: int,
-                 max_response_length: int, wording: str = "move", teacher=None, mode: str = "trajectory",
+                 max_response_length: int, system: str = SYSTEM_PROMPT, teacher=None, mode: str = "trajectory",
                  history_window: int | None = None, guide=None, experience_template: str = "",
                  expert=None) -> None:
         if mode not in ROLLOUT_MODES:
@@ -144,7 +150,7 @@ class LLMPolicy:
         self.max_prompt_length = max_prompt_length
         # trajectory mode: budget of everything after the first prompt; step mode: of one turn's response
         self.max_response_length = max_response_length
-        self.wording = wording
+        self.system = system  # the system message of every prompt (agent.system_prompt)
         self.mode = mode
         self.history_window = history_window
         # guide(view) -> (experiences, keep) | None, asked once per episode (exp_manager.experience):
@@ -158,7 +164,7 @@ class LLMPolicy:
         self.turns: dict[str, list[Trajectory]] = {}  # step mode: the episode's rows, one per turn
         self.timing_gen_s = 0.0
         self._calls = 0
-        self.chat = chat_turns(tokenizer, wording)
+        self.chat = chat_turns(tokenizer, system)
         if mode == "trajectory" and not self.chat.appends:
             raise ChatTemplateError(f"trajectory mode needs a chat template that appends: {self.chat.why_not}")
         # the model closes its turn with the template's end-of-turn token, whatever eos the model folder declares
@@ -170,7 +176,7 @@ class LLMPolicy:
     def _prompt(self, view: TurnView, history: list[tuple[str, str]], window: int | None) -> Trajectory:
         """A new row holding this turn's training prompt (and, when guided, the sampling prompt)."""
         messages = build_messages(view.task, view.observation, view.admissible, history=history,
-                                  history_window=window, wording=self.wording)
+                                  history_window=window, system=self.system)
         eid = view.episode_id
         self.tasks.setdefault(eid, view.task)
         if eid not in self.guidance:

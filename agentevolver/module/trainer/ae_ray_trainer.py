@@ -22,7 +22,7 @@ import ray
 import torch
 from omegaconf import DictConfig
 
-from agentevolver.alfworld.agent import episode_reward, run_episodes
+from agentevolver.alfworld.agent import episode_reward, run_episodes, system_prompt
 from agentevolver.alfworld.data import (
     GameSpec,
     check_broken_games,
@@ -65,7 +65,8 @@ class RayTrainer(SelfEvolvingLoop):
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
         self._scan_games()
-        self.wording = detect_command_wording(self.val_games or self.train_games)
+        self.system_prompt = system_prompt(detect_command_wording(self.val_games or self.train_games),
+                                           cfg.env.system_prompt)
         self.pool = EnvPool(num_workers=cfg.env.pool.num_workers, num_cpus_per_worker=cfg.env.pool.num_cpus_per_worker,
                             step_timeout_s=cfg.env.pool.step_timeout_s, reset_timeout_s=cfg.env.pool.reset_timeout_s)
         self.workers = ActorRolloutRefGroup(cfg)
@@ -182,7 +183,7 @@ class RayTrainer(SelfEvolvingLoop):
         cfg = self.cfg
         guide = self._experience_guide(games, n, tag, validate) if teacher is None else None
         policy = LLMPolicy(self.tokenizer, self.workers.generate, sampling, cfg.data.max_prompt_length,
-                           cfg.data.max_response_length, wording=self.wording, teacher=teacher,
+                           cfg.data.max_response_length, system=self.system_prompt, teacher=teacher,
                            mode=cfg.env.rollout_mode, history_window=cfg.env.history_window, guide=guide,
                            experience_template=cfg.exp_manager.experience_template,
                            expert=self._expert() if relabel else None)
@@ -452,12 +453,13 @@ class RayTrainer(SelfEvolvingLoop):
 
 def episode_metrics(batch: Batch) -> dict[str, float]:
     """Success rates (overall and per task type) and episode statistics of a rollout batch: one
-    count per episode (its is_last row); response lengths per training row."""
+    count per episode (its is_last row); prompt and response lengths per training row."""
     if not len(batch):
         return {}
-    batch.require("response_mask", "is_last", "won", "task_type", "num_turns", "format_errors", "invalid_actions",
+    batch.require("prompt_attention_mask", "response_mask", "is_last", "won", "task_type", "num_turns", "format_errors", "invalid_actions",
                   "projected_actions", "score", "finish_reason")
     model_tokens = batch["response_mask"].sum(-1).float()
+    prompt_tokens = batch["prompt_attention_mask"].sum(-1).float()
     batch = batch.select(batch.ids["is_last"].astype(bool))
     won = batch.ids["won"].astype(float)
     out = {"success_rate": float(won.mean())}
@@ -467,6 +469,8 @@ def episode_metrics(batch: Batch) -> dict[str, float]:
     out |= {f"success_rate/{t}": float(np.mean(v)) for t, v in sorted(per_type.items())}
     out["response_length/mean"] = model_tokens.mean().item()
     out["response_length/max"] = model_tokens.max().item()
+    out["prompt_length/mean"] = prompt_tokens.mean().item()
+    out["prompt_length/max"] = prompt_tokens.max().item()
     out["episode/num_turns_mean"] = float(batch.ids["num_turns"].mean())
     out["episode/format_errors_mean"] = float(batch.ids["format_errors"].mean())
     out["episode/invalid_actions_mean"] = float(batch.ids["invalid_actions"].mean())

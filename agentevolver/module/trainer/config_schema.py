@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from agentevolver.alfworld.agent import ACTION_PROJECTIONS
+from agentevolver.alfworld.agent import ACTION_PROJECTIONS, SYSTEM_PROMPT_STYLES
 from agentevolver.alfworld.data import TASK_TYPES
 from agentevolver.module.agent_flow.llm_policy import ROLLOUT_MODES
 from agentevolver.module.exp_manager.advantages import ADV_ESTIMATORS, GIGPO_MODES
@@ -350,6 +350,7 @@ SCHEMA: dict[str, Check] = {
     "env.rollout_mode": OneOf(ROLLOUT_MODES),
     "env.history_window": Optional(Int(min=0), "all earlier turns"),
     "env.action_projection": OneOf(ACTION_PROJECTIONS),
+    "env.system_prompt": OneOf(SYSTEM_PROMPT_STYLES),
     "env.reward.success": Num(),
     "env.reward.format_penalty": Num(min=0),
     "env.reward.inadmissible_penalty": Num(min=0),

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from agentevolver.alfworld.agent import TurnView, build_messages, format_observation_turn
+from agentevolver.alfworld.agent import (
+    SYSTEM_PROMPT,
+    TurnView,
+    build_messages,
+    format_observation_turn,
+    system_prompt,
+)
 from agentevolver.module.agent_flow.llm_policy import ChatTemplateError, LLMPolicy, chat_turns
 from agentevolver.workers.rollout.base import GenOutput, SamplingParams
 
@@ -27,7 +33,7 @@ def episode(traj_id: str, uid: str, reward: float) -> dict:
             "reward": reward}
 
 
-def make_policy(tokenizer, mode: str, window=None, max_prompt_length: int = 4096):
+def make_policy(tokenizer, mode: str, window=None, max_prompt_length: int = 4096, system: str = SYSTEM_PROMPT):
     calls = []
 
     def generate(prompts, params):
@@ -36,7 +42,7 @@ def make_policy(tokenizer, mode: str, window=None, max_prompt_length: int = 4096
         return [[GenOutput(ids, [-0.5] * len(ids), "stop", 3)] for _ in prompts]
 
     policy = LLMPolicy(tokenizer, generate, SamplingParams(max_tokens=16), max_prompt_length, 2048,
-                       mode=mode, history_window=window)
+                       mode=mode, history_window=window, system=system)
     return policy, calls
 
 
@@ -72,6 +78,20 @@ def test_step_mode_rows_per_turn_with_windowed_prompts(tokenizer):
     assert batch["token_level_rewards"].sum(-1).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
     assert batch["rollout_log_probs"][0, :action_len].tolist() == [-0.5] * action_len
     assert policy.response_length("a") == action_len
+
+
+def test_the_brief_system_message_replaces_the_full_one_in_every_prompt(tokenizer):
+    """env.system_prompt=brief: the same prompts with the other system message, so the same tokens fewer in each."""
+    brief = system_prompt("move", "brief")
+    prompts = {}
+    for system in (SYSTEM_PROMPT, brief):
+        policy, calls = make_policy(tokenizer, "step", window=2, system=system)
+        play(policy, 2)
+        prompts[system] = [p for call in calls for p in call]
+        assert [tokenizer.decode(p).count(system) for p in prompts[system]] == [1, 1, 1]
+    assert SYSTEM_PROMPT not in tokenizer.decode(prompts[brief][0])
+    saved = {len(full) - len(short) for full, short in zip(prompts[SYSTEM_PROMPT], prompts[brief])}
+    assert len(saved) == 1 and saved.pop() > 50
 
 
 def test_trajectory_mode_one_row_per_episode(tokenizer):

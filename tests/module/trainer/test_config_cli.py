@@ -39,6 +39,7 @@ CASES = [
     (["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=128"],
      "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=128", "<= actor_rollout_ref.actor.ppo_mini_batch_size"),
     (["env.action_projection=fuzzy"], "env.action_projection='fuzzy'", "exact, nearest"),
+    (["env.system_prompt=short"], "env.system_prompt='short'", "full, brief"),
     (["env.history_window=-1"], "env.history_window=-1", ">= 0"),
     (["env.rollout_mode=trajectory", "actor_rollout_ref.actor.ppo_mini_batch_size=32"], "env.history_window=2",
      "use null"),

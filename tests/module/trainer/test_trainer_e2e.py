@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 REQUIRED_KEYS = [
     "step", "train/success_rate", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
-    "actor/grad_norm", "rollout/probs_diff_mean", "response_length/mean", "episode/num_turns_mean",
+    "actor/grad_norm", "rollout/probs_diff_mean", "response_length/mean", "prompt_length/mean", "episode/num_turns_mean",
     "episode/format_errors_mean", "episode/invalid_actions_mean", "episode/projected_actions_mean",
     "dynamic_sampling/kept_groups", "dynamic_sampling/empty_step", "dynamic_sampling/empty_steps",
     "dynamic_sampling/num_gen_batches", "timing/step", "timing/gen", "timing/env", "timing/old_log_prob", "timing/ref",
