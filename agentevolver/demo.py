@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft-epochs", type=int, default=None, help="default: the config's sft.epochs")
     ap.add_argument("--steps", type=int, default=20, help="DAPO steps")
     ap.add_argument("--test-freq", type=int, default=10, help="held-out evaluations (120 games each) every N steps")
-    ap.add_argument("--preset", choices=list(PRESETS), default="fixed",
+    ap.add_argument("--preset", choices=list(PRESETS), default="teacher",
                     help="ablation row: fixed games | + fresh generated tasks | + curriculum | + experience-guided "
                          "rollouts | + replay of successes (each adds to the one before) | teacher: fresh + the "
                          "teacher's episode of the same game replayed into failing groups")
