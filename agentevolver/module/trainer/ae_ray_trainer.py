@@ -456,8 +456,8 @@ def episode_metrics(batch: Batch) -> dict[str, float]:
     count per episode (its is_last row); prompt and response lengths per training row."""
     if not len(batch):
         return {}
-    batch.require("prompt_attention_mask", "response_mask", "is_last", "won", "task_type", "num_turns", "format_errors", "invalid_actions",
-                  "projected_actions", "score", "finish_reason")
+    batch.require("prompt_attention_mask", "response_mask", "is_last", "won", "task_type", "num_turns",
+                  "format_errors", "invalid_actions", "projected_actions", "score", "finish_reason")
     model_tokens = batch["response_mask"].sum(-1).float()
     prompt_tokens = batch["prompt_attention_mask"].sum(-1).float()
     batch = batch.select(batch.ids["is_last"].astype(bool))
