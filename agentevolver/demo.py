@@ -74,6 +74,9 @@ PRESETS["replay"] = PRESETS["guided"] + ["exp_manager.replay.enable=true", "exp_
 # win of 4 gets the explore teacher's episode of that very game in place of a failure
 PRESETS["teacher"] = PRESETS["fresh"] + ["exp_manager.replay.enable=true", "exp_manager.replay.teacher=explore",
                                          "actor_rollout_ref.actor.off_cliprange_high=0.4"]
+# the teacher's guidance on a curriculum's games: fresh games drawn where recent success is mid-range (p(1 - p)),
+# so more groups hold both wins and losses and the teacher's episode lands where the model half-knows the task
+PRESETS["teacher_curriculum"] = PRESETS["teacher"] + ["data.task_gen.curriculum=success_pq"]
 # self-imitation: the teacher's tokens also get an unclipped NLL term (actor.imitation_coef)
 PRESETS["teacher_sil"] = PRESETS["teacher"] + ["actor_rollout_ref.actor.imitation_coef=1.0"]
 # more guidance: two teacher episodes for each group with at most two wins of 4
@@ -164,12 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distractors", default="0", help="N or LO,HI distractor objects per game")
     ap.add_argument("--closed-fraction", type=float, default=0.0)
     ap.add_argument("--sft-epochs", type=int, default=None, help="default: the config's sft.epochs")
-    ap.add_argument("--steps", type=int, default=20, help="DAPO steps")
+    ap.add_argument("--steps", type=int, default=30, help="DAPO steps (the ablation rows: 20)")
     ap.add_argument("--test-freq", type=int, default=10, help="held-out evaluations (120 games each) every N steps")
-    ap.add_argument("--preset", choices=list(PRESETS), default="teacher",
+    ap.add_argument("--preset", choices=list(PRESETS), default="teacher_curriculum",
                     help="ablation row: fixed games | + fresh generated tasks | + curriculum | + experience-guided "
                          "rollouts | + replay of successes (each adds to the one before) | teacher: fresh + the "
-                         "teacher's episode of the same game replayed into failing groups")
+                         "teacher's episode of the same game replayed into failing groups | teacher_curriculum: teacher + "
+                         "curriculum (make demo's)")
     ap.add_argument("--warm-start", default=None, metavar="DEMO_OUT",
                     help="reuse another demo's games and warm start (its data/ and sft/hf_actor): the ablation rows "
                          "then start from the same model")

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+STEPS=${STEPS:-20}   # every row 20 DAPO steps (make demo runs teacher_curriculum for 30)
 # fixed first (it builds the shared warm start), then the full stack, then the rows between
-PRESETS=${PRESETS:-"fixed teacher replay fresh curriculum guided teacher_k2 teacher_sil dagger"}
+PRESETS=${PRESETS:-"fixed teacher_curriculum teacher replay fresh curriculum guided teacher_k2 teacher_sil dagger"}
 seeds=("$@"); [ ${#seeds[@]} -gt 0 ] || seeds=(1 2)
 for seed in "${seeds[@]}"; do
   base=outputs/ablation/seed$seed
@@ -13,10 +14,10 @@ for seed in "${seeds[@]}"; do
   for preset in $PRESETS; do
     if [ -f "$base/$preset/summary.json" ]; then echo "have $base/$preset/summary.json"; first=${first:-$base/$preset}; continue; fi
     if [ -z "$first" ]; then
-      $PY -m agentevolver.demo --seed "$seed" --preset "$preset" --out "$base/$preset"
+      $PY -m agentevolver.demo --seed "$seed" --preset "$preset" --steps "$STEPS" --out "$base/$preset"
       first=$base/$preset
     else
-      $PY -m agentevolver.demo --seed "$seed" --preset "$preset" --out "$base/$preset" --warm-start "$first"
+      $PY -m agentevolver.demo --seed "$seed" --preset "$preset" --steps "$STEPS" --out "$base/$preset" --warm-start "$first"
     fi
   done
 done
